@@ -1,0 +1,320 @@
+"""Configuration as data: frozen dataclasses validated on creation.
+
+``ModelConfig`` is derived from a Hugging Face ``config.json`` and nothing else: the engine keeps no
+hand-written table of model shapes. ``ParallelConfig``, ``CacheConfig`` and ``SchedulerConfig`` describe
+how the engine runs it. Each field's docstring (the ``help`` metadata) doubles as CLI help text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgpu.errors import ConfigError
+
+#: dtype names accepted on the command line and in ``LLM(dtype=...)``.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype, default: torch.dtype = torch.float32) -> torch.dtype:
+    """Turn a dtype name (``"bf16"``, ``"float32"``, ``"auto"``) into a ``torch.dtype``.
+
+    ``"auto"`` returns ``default`` (the checkpoint's own ``torch_dtype``).
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return default
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dtype {name!r}; use one of auto, float32, bfloat16, float16"
+        ) from None
+
+
+def _help(text: str) -> Any:
+    return field(metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling from ``config.json`` ``rope_scaling`` (only ``llama3`` changes maths)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any] | None) -> RopeScaling | None:
+        """Parse the HF dict; ``None`` or the default type gives ``None``."""
+        if not raw:
+            return None
+        rope_type = raw.get("rope_type", raw.get("type", "default"))
+        if rope_type == "default":
+            return None
+        if rope_type != "llama3":
+            raise ConfigError(
+                f"rope_scaling type {rope_type!r} is not supported (supported: llama3)"
+            )
+        return cls(
+            rope_type=rope_type,
+            factor=float(raw.get("factor", 8.0)),
+            low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture numbers of a decoder-only transformer, read from a HF ``config.json``."""
+
+    architecture: str = _help("HF architecture name, e.g. LlamaForCausalLM.")
+    hidden_size: int = _help("Width of the residual stream.")
+    intermediate_size: int = _help("Width of the MLP (per expert for MoE models).")
+    num_hidden_layers: int = _help("Number of decoder layers.")
+    num_attention_heads: int = _help("Query heads (total, before tensor parallelism).")
+    num_key_value_heads: int = _help("Key/value heads (total); fewer than query heads is GQA/MQA.")
+    vocab_size: int = _help("Vocabulary size.")
+    head_dim: int = _help("Width of one attention head.")
+    max_position_embeddings: int = _help("Longest context the model was trained for.")
+    rms_norm_eps: float = _help("Epsilon of RMSNorm.")
+    rope_theta: float = _help("RoPE base frequency.")
+    rope_scaling: RopeScaling | None = _help("RoPE scaling (llama3) or None.")
+    tie_word_embeddings: bool = _help("LM head shares the embedding matrix.")
+    attention_bias: bool = _help("q/k/v projections have a bias (Qwen2).")
+    mlp_bias: bool = _help("MLP projections have a bias.")
+    torch_dtype: str = _help("Dtype the checkpoint was saved in.")
+    num_local_experts: int = _help("MoE experts per layer (0 for a dense model).")
+    num_experts_per_tok: int = _help("MoE experts active per token (0 for a dense model).")
+    bos_token_id: int | None = _help("Beginning-of-sequence token id.")
+    eos_token_ids: tuple[int, ...] = _help("End-of-sequence token ids.")
+    sliding_window: int | None = _help("Sliding-window attention width, if the model uses one.")
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "head_dim",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"config.json: {name} must be positive, got {getattr(self, name)}"
+                )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the MLP is a mixture of experts."""
+        return self.num_local_experts > 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Build from the parsed ``config.json`` of a Hugging Face model."""
+        archs = raw.get("architectures") or [raw.get("model_type", "unknown")]
+        try:
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            eos = raw.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            # transformers >= 5 writes `rope_parameters` (theta inside); hub checkpoints written by
+            # earlier versions have `rope_theta` and `rope_scaling`. Both are read.
+            rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+            theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+            use_sliding = raw.get("use_sliding_window", True)
+            window = raw.get("sliding_window") if use_sliding else None
+            return cls(
+                architecture=str(archs[0]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_hidden_layers=int(raw["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                vocab_size=int(raw["vocab_size"]),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta),
+                rope_scaling=RopeScaling.from_hf(rope),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
+                mlp_bias=bool(raw.get("mlp_bias", False)),
+                torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+                num_local_experts=int(raw.get("num_local_experts", 0) or 0),
+                num_experts_per_tok=int(raw.get("num_experts_per_tok", 0) or 0),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                sliding_window=int(window) if window else None,
+            )
+        except KeyError as exc:
+            raise ConfigError(f"config.json is missing the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config.json has a malformed field: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read ``config.json`` (or a model directory containing it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json at {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over ranks: ``world_size = tensor_parallel_size x pipeline_parallel_size``.
+
+    Rank layout (TP innermost, as in Megatron/vLLM), worked example with 8 ranks = TP 2 x PP 4::
+
+        pp_rank 0: ranks 0 1   (layers  0..L/4)
+        pp_rank 1: ranks 2 3
+        pp_rank 2: ranks 4 5
+        pp_rank 3: ranks 6 7   (last stage: rank 6 samples and returns tokens)
+
+    ``rank = pp_rank * tp_size + tp_rank``; TP groups are {0,1},{2,3},...; PP groups {0,2,4,6},{1,3,5,7}.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    layer_split: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(
+                f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError(
+                f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}"
+            )
+        if self.layer_split is not None and len(self.layer_split) != self.pipeline_parallel_size:
+            raise ConfigError(
+                f"--layer-split has {len(self.layer_split)} entries but "
+                f"--pipeline-parallel-size is {self.pipeline_parallel_size}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Total number of ranks (worker processes)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuse a layout the model cannot be split into, listing the sizes that work."""
+        tp = self.tensor_parallel_size
+        valid = valid_tp_sizes(model)
+        if tp not in valid:
+            raise ConfigError(
+                f"tensor parallel size {tp} does not divide the model's "
+                f"{model.num_attention_heads} attention heads / {model.num_key_value_heads} KV heads; "
+                f"sizes that work: {', '.join(map(str, valid))}"
+            )
+        pp = self.pipeline_parallel_size
+        if pp > model.num_hidden_layers:
+            raise ConfigError(
+                f"pipeline parallel size {pp} exceeds the model's {model.num_hidden_layers} layers"
+            )
+        if self.layer_split is not None:
+            if sum(self.layer_split) != model.num_hidden_layers or min(self.layer_split) < 1:
+                raise ConfigError(
+                    f"--layer-split {','.join(map(str, self.layer_split))} must be positive and sum "
+                    f"to the model's {model.num_hidden_layers} layers"
+                )
+
+    def layer_range(self, model: ModelConfig, pp_rank: int) -> tuple[int, int]:
+        """Half-open ``[start, end)`` layer range of pipeline stage ``pp_rank``."""
+        split = self.layer_split or even_layer_split(
+            model.num_hidden_layers, self.pipeline_parallel_size
+        )
+        start = sum(split[:pp_rank])
+        return start, start + split[pp_rank]
+
+
+def even_layer_split(num_layers: int, pp_size: int) -> tuple[int, ...]:
+    """Split ``num_layers`` into ``pp_size`` contiguous ranges, the first stages taking the rest."""
+    base, extra = divmod(num_layers, pp_size)
+    return tuple(base + (1 if i < extra else 0) for i in range(pp_size))
+
+
+def valid_tp_sizes(model: ModelConfig) -> list[int]:
+    """Tensor-parallel sizes the model can be split into.
+
+    Query heads must divide evenly; KV heads either divide evenly or are replicated, which needs the
+    TP size to be a multiple of the KV-head count.
+    """
+    heads, kv = model.num_attention_heads, model.num_key_value_heads
+    return [t for t in range(1, heads + 1) if heads % t == 0 and (kv % t == 0 or t % kv == 0)]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV-cache settings."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    device_memory_gb: float | None = None
+    num_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block size must be a power of two, got {self.block_size}")
+        if self.num_blocks_override is not None and self.num_blocks_override < 1:
+            raise ConfigError("num_blocks_override must be >= 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    """Number of KV blocks that hold ``num_tokens`` tokens."""
+    return math.ceil(num_tokens / block_size)

@@ -1,0 +1,48 @@
+"""The collectives of the model, in one place (STYLE.md convention 2).
+
+Only the row-parallel linear, the vocab-parallel embedding, the LM head and the pipeline hand-off call
+these. Each is a no-op when its group has one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mgpu.distributed import parallel_state as ps
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the tensor-parallel group, in place."""
+    if ps.get_tp_size() == 1:
+        return x
+    dist.all_reduce(x, group=ps.get_tp_group())
+    return x
+
+
+def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
+    """Concatenate ``x`` along its last dim onto TP rank 0; other ranks get None.
+
+    Used for vocab-parallel logits: (tokens, vocab / tp) on each rank -> (tokens, vocab) on rank 0.
+    A gather moves 1/tp of what an all-gather does, and only rank 0 samples.
+    """
+    tp = ps.get_tp_size()
+    if tp == 1:
+        return x
+    x = x.contiguous()
+    is_dst = ps.get_tp_rank() == 0
+    parts = [torch.empty_like(x) for _ in range(tp)] if is_dst else None
+    dist.gather(x, parts, dst=ps.tp_first_rank(), group=ps.get_tp_group())
+    return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+def pp_send(x: torch.Tensor) -> None:
+    """Send ``x`` to the next pipeline stage (same TP position)."""
+    dist.send(x.contiguous(), dst=ps.pp_neighbour(+1))
+
+
+def pp_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Receive a tensor of known shape from the previous pipeline stage."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(out, src=ps.pp_neighbour(-1))
+    return out

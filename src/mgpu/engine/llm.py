@@ -1,0 +1,134 @@
+"""The offline API, shaped like vLLM's ``LLM`` so users can switch without relearning."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mgpu.engine.llm_engine import LLMEngine, RequestOutput
+from mgpu.sampling import SamplingParams
+
+PromptInput = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """Generate text from a model split over several worker processes.
+
+    Args:
+        model: HF model directory or hub id (default: the bundled demo model).
+        tensor_parallel_size: ranks each layer is split over.
+        pipeline_parallel_size: pipeline stages.
+        device: ``"cpu"`` or ``"cuda"`` (default: cuda when present).
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        **kwargs: further :class:`~mgpu.engine.llm_engine.LLMEngine` options (``max_model_len``,
+            ``max_num_seqs``, ``gpu_memory_utilization``, ...).
+
+    Use as a context manager, or call :meth:`shutdown`, to stop the workers.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        device: str | None = None,
+        dtype: str = "auto",
+        **kwargs: Any,
+    ):
+        self.engine = LLMEngine(
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer."""
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | SequenceABC[PromptInput],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; outputs come back in the order of the prompts.
+
+        Args:
+            prompts: a string, a list of strings, token-id lists, or ``{"prompt_token_ids": [...]}``.
+            sampling_params: one for all prompts, or one per prompt (default: greedy-free defaults).
+            use_tqdm: show a progress bar.
+        """
+        if isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        params = sampling_params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, SequenceABC) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError("give one SamplingParams, or exactly one per prompt")
+        order = []
+        try:
+            for prompt, p in zip(prompts, per_prompt):
+                rid = str(next(self._ids))
+                text, ids = _split_prompt(prompt)
+                self.engine.add_request(rid, text, p, prompt_token_ids=ids)
+                order.append(rid)
+            done: dict[str, RequestOutput] = {}
+            with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            done[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        return [done[rid] for rid in order]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> RequestOutput:
+        """Answer one conversation using the tokenizer's chat template."""
+        tok = self.get_tokenizer()
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return self.generate([{"prompt_token_ids": ids}], sampling_params, use_tqdm)[0]
+
+    def prompt_logits(self, prompt: str | list[int]) -> torch.Tensor:
+        """(T, vocab) float32 logits at every position of one prompt."""
+        ids = self.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.engine.prompt_logits(ids)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _split_prompt(prompt: PromptInput) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        return prompt["prompt"], None
+    return None, list(prompt)

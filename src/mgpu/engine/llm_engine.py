@@ -1,0 +1,478 @@
+"""The LLM engine: tokenizer, scheduler and block manager in this process; model shards in workers.
+
+``add_request`` queues work, ``step`` runs one forward pass of the running batch and returns what
+changed, ``abort_request`` stops a request and frees its blocks. The offline :class:`~mgpu.LLM` and
+the HTTP server are both thin loops around these three calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgpu.config import (
+    CacheConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    blocks_for_tokens,
+    parse_dtype,
+)
+from mgpu.engine.block_manager import BlockManager
+from mgpu.engine.detokenizer import detokenize_incrementally
+from mgpu.engine.executor import Executor
+from mgpu.engine.messages import SeqChunk, StepInput
+from mgpu.engine.model_runner import RankReport
+from mgpu.engine.scheduler import Scheduler
+from mgpu.engine.sequence import Sequence
+from mgpu.errors import ConfigError, MgpuError
+from mgpu.models.loader import demo_model_path, resolve_model_path
+from mgpu.models.registry import model_class
+from mgpu.sampling import SampleResult, SamplingParams
+
+logger = logging.getLogger("mgpu.engine")
+
+
+class PromptError(MgpuError, ValueError):
+    """A prompt the engine cannot run (empty, too long for the context, unknown token ids)."""
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request (vLLM's shape)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[SampleResult] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+    @property
+    def finished(self) -> bool:
+        """Whether this completion has stopped."""
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: cumulative text and tokens of each completion."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+    stop_holdback: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges for /metrics and the monitor."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_preemptions: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LLMEngine:
+    """Runs one model split over ``tensor_parallel_size x pipeline_parallel_size`` worker processes.
+
+    Args:
+        model: a HF model directory or hub id (default: the bundled demo model).
+        tensor_parallel_size: ranks each layer is split over.
+        pipeline_parallel_size: pipeline stages (contiguous layer ranges).
+        layer_split: layers per stage, e.g. ``(10, 6)``; even when None.
+        device: ``"cpu"`` (gloo workers) or ``"cuda"`` (NCCL, one GPU per rank); default cuda if present.
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        max_model_len: longest prompt + completion (default: the model's context).
+        max_num_seqs: most sequences in the running batch.
+        max_num_batched_tokens: token budget of one step (longer prompts are prefilled in chunks).
+        gpu_memory_utilization: fraction of each device's memory the engine may use.
+        device_memory_gb: on CPU, the memory budget of the whole engine (default: available RAM).
+        block_size: tokens per KV block.
+        num_blocks: fix the KV cache size in blocks instead of profiling (tests, reproducibility).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        layer_split: tuple[int, ...] | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        device_memory_gb: float | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+    ):
+        from transformers import AutoTokenizer
+
+        self.model_path = resolve_model_path(model if model is not None else demo_model_path())
+        self.model_config = ModelConfig.from_file(self.model_path)
+        model_class(self.model_config)  # refuse unsupported architectures before spawning anything
+        self.parallel_config = ParallelConfig(
+            tensor_parallel_size,
+            pipeline_parallel_size,
+            tuple(layer_split) if layer_split else None,
+        )
+        self.parallel_config.check_model(self.model_config)
+        self.device = device or _default_device()
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda":
+            self._check_gpus()
+        self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
+        context = self.model_config.max_position_embeddings
+        if max_model_len is not None and max_model_len > context:
+            raise ConfigError(
+                f"--max-model-len {max_model_len} exceeds the model's context of {context} tokens"
+            )
+        max_len = max_model_len or context
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or max(2048, min(max_len, 8192)),
+            max_model_len=max_len,
+        )
+        self.cache_config = CacheConfig(
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            device_memory_gb=device_memory_gb,
+            num_blocks_override=num_blocks,
+        )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        except Exception as exc:
+            raise ConfigError(f"cannot load the tokenizer of {self.model_path}: {exc}") from None
+        self.eos_token_ids = self._eos_ids()
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        self.executor = Executor(
+            self.model_path, self.model_config, self.parallel_config, self.device, dtype_name
+        )
+        try:
+            self._init_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self._lock = threading.RLock()
+        self._requests: dict[str, _Request] = {}
+        self._seq_counter = itertools.count()
+        self._registered: set[int] = set()
+        self._to_release: list[int] = []
+        self.stats = EngineStats()
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _check_gpus(self) -> None:
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
+        have, need = torch.cuda.device_count(), self.parallel_config.world_size
+        if need > have:
+            raise ConfigError(
+                f"the layout needs {need} GPUs but {have} are visible (CUDA_VISIBLE_DEVICES); "
+                "lower --tensor-parallel-size / --pipeline-parallel-size"
+            )
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen = self.model_path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ids
+
+    def _init_cache(self) -> None:
+        per_rank = self.executor.call_all(
+            "profile_num_blocks",
+            self.cache_config,
+            self.scheduler_config,
+            self.parallel_config.world_size,
+        )
+        num_blocks = min(per_rank)
+        need = blocks_for_tokens(self.scheduler_config.max_model_len, self.cache_config.block_size)
+        if num_blocks < need:
+            raise ConfigError(
+                f"the KV cache fits only {num_blocks * self.cache_config.block_size} tokens per "
+                f"rank, fewer than --max-model-len {self.scheduler_config.max_model_len}; lower "
+                "--max-model-len, raise --gpu-memory-utilization, or use more devices"
+            )
+        self.executor.call_all("allocate_kv_cache", num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.cache_config.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+
+    @property
+    def rank_reports(self) -> list[RankReport]:
+        """What each rank reported after loading (layer range, parameter bytes, KV bytes/token)."""
+        return self.executor.reports
+
+    def live_rank_reports(self) -> list[RankReport]:
+        """Fresh per-rank reports (resident memory now)."""
+        return self.executor.call_all("report")
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens the KV cache holds."""
+        return self.block_manager.num_blocks * self.cache_config.block_size
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's BOS where it adds one)."""
+        return list(self.tokenizer(prompt).input_ids)
+
+    def check_prompt(self, prompt_token_ids: list[int], max_tokens: int | None) -> int:
+        """Validate a prompt; returns the effective ``max_tokens`` (capped by the context)."""
+        n, limit = len(prompt_token_ids), self.scheduler_config.max_model_len
+        if n == 0:
+            raise PromptError("the prompt is empty")
+        if n >= limit:
+            raise PromptError(
+                f"the prompt has {n} tokens but --max-model-len is {limit}: it must leave room for "
+                "at least one new token"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        room = limit - n
+        return room if max_tokens is None else min(max_tokens, room)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """Queue a request; it joins the running batch at the next step."""
+        ids = (
+            list(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt or "")
+        )
+        max_tokens = self.check_prompt(ids, params.max_tokens)
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        with self._lock:
+            if request_id in self._requests:
+                raise PromptError(f"request id {request_id!r} is already in use")
+            seqs = []
+            for i in range(params.n):
+                child = params
+                if params.n > 1 and params.seed is not None:
+                    # Distinct but reproducible streams for the n completions of a seeded request.
+                    child = SamplingParams(**{**params.__dict__, "seed": params.seed + i, "n": 1})
+                seq = Sequence(next(self._seq_counter), request_id, i, ids, child, max_tokens)
+                seqs.append(seq)
+                self.scheduler.add(seq)
+            self._requests[request_id] = _Request(
+                request_id, prompt, ids, seqs, time.time(), stop_holdback=holdback
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (no-op if it already finished)."""
+        with self._lock:
+            req = self._requests.pop(request_id, None)
+            if req is None:
+                return
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    seq.finish("abort")
+                    self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if seq.seq_id in self._registered:
+            self._registered.discard(seq.seq_id)
+            self._to_release.append(seq.seq_id)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is waiting or running."""
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass of the running batch; returns the requests that progressed."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+            if not plan.scheduled:
+                return []
+            step = StepInput([], finished_seqs=self._to_release)
+            self._to_release = []
+            for item in plan.scheduled:
+                seq = item.seq
+                start = seq.num_computed_tokens
+                tokens = seq.all_token_ids[start : start + item.num_tokens]
+                step.chunks.append(
+                    SeqChunk(seq.seq_id, tokens, start, list(seq.block_table), item.samples)
+                )
+                if seq.seq_id not in self._registered:
+                    self._registered.add(seq.seq_id)
+                    step.new_seqs[seq.seq_id] = seq.params
+            results = iter(self.executor.execute(step))
+            touched: dict[str, _Request] = {}
+            now = time.time()
+            for item in plan.scheduled:
+                seq = item.seq
+                samples = item.samples
+                seq.num_computed_tokens += item.num_tokens
+                if seq.num_computed_tokens <= len(seq.prompt_token_ids):
+                    self.stats.prompt_tokens_total += item.num_tokens
+                if not samples:
+                    continue
+                result = next(results)
+                req = self._requests.get(seq.request_id)
+                if req is None:
+                    continue
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                self._append(seq, result)
+                touched[req.request_id] = req
+            outputs = [self._output(req) for req in touched.values()]
+            for out in outputs:
+                if out.finished:
+                    self._requests.pop(out.request_id, None)
+            self._update_stats()
+            return outputs
+
+    def _append(self, seq: Sequence, result: SampleResult) -> None:
+        token = result.token_id
+        seq.output_token_ids.append(token)
+        self.stats.generation_tokens_total += 1
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(result)
+        params = seq.params
+        finished = False
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop")
+            finished = True
+        elif token in params.stop_token_ids:
+            seq.finish("stop", token)
+            finished = True
+        new_text = detokenize_incrementally(self.tokenizer, seq, flush=finished)
+        if not finished and params.stop and new_text:
+            self._check_stop_strings(seq, len(new_text))
+        if not seq.is_finished and (
+            len(seq.output_token_ids) >= seq.max_tokens
+            or seq.num_tokens >= self.scheduler_config.max_model_len
+        ):
+            detokenize_incrementally(self.tokenizer, seq, flush=True)
+            seq.finish("length")
+        if seq.is_finished:
+            self._release(seq)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, new_len: int) -> None:
+        text = seq.output_text
+        longest = max(len(s) for s in seq.params.stop)
+        # Only the new text, plus enough before it to catch a stop string spanning the boundary.
+        begin = max(0, len(text) - new_len - longest + 1)
+        hits = [(text.find(s, begin), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            index, stop = min(hits)
+            seq.output_text = text[:index]
+            seq.finish("stop", stop)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outputs = []
+        for seq in req.seqs:
+            text = seq.output_text
+            if not seq.is_finished and req.stop_holdback:
+                text = text[: len(text) - _pending_stop_prefix(text, seq.params.stop)]
+            logprobs = seq.logprobs if seq.params.logprobs is not None else None
+            cumulative = sum(r.logprob or 0.0 for r in seq.logprobs) if logprobs else None
+            outputs.append(
+                CompletionOutput(
+                    seq.index,
+                    text,
+                    list(seq.output_token_ids),
+                    cumulative,
+                    logprobs,
+                    seq.finish_reason,
+                    seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            outputs,
+            all(s.is_finished for s in req.seqs),
+            req.arrival_time,
+            req.first_token_time,
+        )
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_cache_usage = self.block_manager.usage
+        s.num_free_blocks = self.block_manager.num_free_blocks
+        s.num_preemptions = self.scheduler.num_preemptions
+
+    # ---- scoring and lifecycle ----------------------------------------------------------------
+
+    def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:
+        """(T, vocab) float32 logits at every position of one prompt (for scoring and tests)."""
+        self.check_prompt(prompt_token_ids, None)
+        with self._lock:
+            if self.scheduler.has_unfinished():
+                raise MgpuError("prompt_logits needs an idle engine (requests are in flight)")
+            replies = self.executor.call_all("prompt_logits", list(prompt_token_ids))
+        return replies[self.executor.output_rank]
+
+    @property
+    def is_healthy(self) -> bool:
+        """Whether every worker is alive."""
+        return self.executor.is_alive
+
+    def shutdown(self) -> None:
+        """Stop the workers."""
+        self.executor.shutdown()
+
+
+def _pending_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-k:]):
+                best = k
+                break
+    return best

@@ -1,0 +1,39 @@
+"""The small picklable messages the engine sends its workers, one per step (STYLE.md convention 6).
+
+Tensors never travel this way: only token ids, positions and block ids. Workers build their own input
+tensors from them, and activations move between ranks through ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mgpu.sampling import SamplingParams
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step.
+
+    Attributes:
+        seq_id: the sequence.
+        token_ids: tokens fed this step: a prompt chunk, or the last sampled token when decoding.
+        start_pos: position of ``token_ids[0]`` (tokens before it are already in the KV cache).
+        block_table: the sequence's KV blocks, covering at least ``start_pos + len(token_ids)``.
+        sample: sample a next token after this chunk (false for a non-final prefill chunk).
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+
+
+@dataclass
+class StepInput:
+    """Everything the workers need for one forward pass of the running batch."""
+
+    chunks: list[SeqChunk]
+    new_seqs: dict[int, SamplingParams] = field(default_factory=dict)
+    finished_seqs: list[int] = field(default_factory=list)

@@ -1,0 +1,271 @@
+"""Per-rank model runner: builds this rank's shard, owns its KV cache, runs steps.
+
+Runs inside a worker process (see :mod:`mgpu.engine.worker`). The code is the same on CPU (gloo) and
+CUDA (NCCL); only the device and the collective backend differ.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from mgpu.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, blocks_for_tokens
+from mgpu.distributed import parallel_state as ps
+from mgpu.distributed.communication import pp_recv, pp_send
+from mgpu.engine.messages import SeqChunk, StepInput
+from mgpu.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, visible_keys
+from mgpu.memory import kv_bytes_per_token
+from mgpu.models.loader import load_weights
+from mgpu.models.registry import model_class
+from mgpu.sampling import Sampler, SampleResult
+
+# Memory the runtime itself needs beyond tensors we can count (allocator slack, CUDA context,
+# gloo/NCCL buffers), kept out of the KV budget.
+_RUNTIME_RESERVE_BYTES = 256 * 2**20
+
+
+@dataclass
+class RankReport:
+    """What a rank tells the engine after loading: the numbers behind the startup table."""
+
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    layer_range: tuple[int, int]
+    param_bytes: int
+    kv_bytes_per_token: int
+    resident_bytes: int
+    device: str
+
+
+class ModelRunner:
+    """One rank's model shard, KV cache and (on the output rank) sampler.
+
+    Args:
+        model_path: the model directory.
+        model_config: the architecture.
+        parallel_config: the layout; this process's place in it comes from ``parallel_state``.
+        device: torch device of this rank.
+        dtype: weights and activations dtype.
+        rank: global rank.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_config: ModelConfig,
+        parallel_config: ParallelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        rank: int,
+    ):
+        self.config, self.device, self.dtype, self.rank = model_config, device, dtype, rank
+        pp_rank, pp_size = ps.get_pp_rank(), ps.get_pp_size()
+        self.layer_range = parallel_config.layer_range(model_config, pp_rank)
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp_size - 1
+        self.is_output_rank = self.is_last and ps.get_tp_rank() == 0
+        cls = model_class(model_config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                self.model = cls(model_config, self.layer_range, self.is_first, self.is_last)
+        finally:
+            torch.set_default_dtype(previous)
+        load_weights(self.model, model_path, progress=rank == 0)
+        self.model.eval()
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.block_size = 16
+        self.sampler = Sampler(model_config.vocab_size, device) if self.is_output_rank else None
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes on this rank (the planner's formula)."""
+        return kv_bytes_per_token(
+            self.config,
+            self.layer_range[1] - self.layer_range[0],
+            ps.get_tp_size(),
+            torch.finfo(self.dtype).bits // 8,
+        )
+
+    def param_bytes(self) -> int:
+        """Bytes of parameters this rank holds (tied parameters counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def report(self) -> RankReport:
+        """Numbers for the engine's startup table and the per-rank memory test."""
+        return RankReport(
+            rank=self.rank,
+            tp_rank=ps.get_tp_rank(),
+            pp_rank=ps.get_pp_rank(),
+            layer_range=self.layer_range,
+            param_bytes=self.param_bytes(),
+            kv_bytes_per_token=self.kv_bytes_per_token(),
+            resident_bytes=psutil.Process(os.getpid()).memory_info().rss,
+            device=str(self.device),
+        )
+
+    def profile_num_blocks(
+        self,
+        cache: CacheConfig,
+        sched: SchedulerConfig,
+        world_size: int,
+    ) -> int:
+        """How many KV blocks fit this rank's budget after a profiling forward pass.
+
+        The budget is ``gpu_memory_utilization`` x device memory (on CPU: ``--device-memory`` or the
+        available RAM, shared by the ranks). The profiling pass runs the largest step the scheduler
+        can issue, so its activation peak is measured, not guessed. The count is capped at what the
+        scheduler can ever use: ``max_num_seqs`` sequences at ``max_model_len``.
+        """
+        self.block_size = cache.block_size
+        cap = sched.max_num_seqs * blocks_for_tokens(sched.max_model_len, cache.block_size)
+        if cache.num_blocks_override is not None:
+            return cache.num_blocks_override
+        tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
+        per_block = self.kv_bytes_per_token() * cache.block_size
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._profile_forward(tokens)
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            non_torch = (total - free) - torch.cuda.memory_allocated(self.device)
+            budget = cache.gpu_memory_utilization * total - peak - non_torch
+        else:
+            process = psutil.Process(os.getpid())
+            before = process.memory_info().rss
+            self._profile_forward(tokens)
+            activations = max(0, process.memory_info().rss - before)
+            if cache.device_memory_gb is not None:
+                share = cache.device_memory_gb * 2**30 / world_size
+                budget = cache.gpu_memory_utilization * share - self.param_bytes() - activations
+            else:
+                share = psutil.virtual_memory().available / world_size
+                budget = cache.gpu_memory_utilization * share - activations
+        budget -= _RUNTIME_RESERVE_BYTES
+        gc.collect()
+        return max(0, min(cap, int(budget // per_block)))
+
+    def _profile_forward(self, num_tokens: int) -> None:
+        blocks = blocks_for_tokens(num_tokens, self.block_size)
+        self.allocate_kv_cache(blocks)
+        chunk = SeqChunk(-1, [0] * num_tokens, 0, list(range(blocks)), sample=False)
+        self._forward(StepInput([chunk]))
+        self.allocate_kv_cache(0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """(Re)allocate every layer's cache: (num_blocks, block_size, kv_heads, head_dim) each."""
+        for attn in self.attn_layers:
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- steps --------------------------------------------------------------------------------
+
+    def _metadata(
+        self, chunks: list[SeqChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_idx: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_pos: list[int] = []
+        prefills: list[PrefillSpan] = []
+        for chunk in chunks:
+            start = len(ids)
+            n = len(chunk.token_ids)
+            ids.extend(chunk.token_ids)
+            pos = range(chunk.start_pos, chunk.start_pos + n)
+            positions.extend(pos)
+            table = chunk.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if n == 1 and chunk.start_pos > 0:
+                decode_idx.append(start)
+                decode_tables.append(table)
+                decode_pos.append(chunk.start_pos)
+            else:
+                tensor_table = torch.tensor(table, dtype=torch.long, device=self.device)
+                prefills.append(PrefillSpan(start, n, chunk.start_pos, tensor_table))
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        if decode_idx:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+            query_pos = torch.tensor(decode_pos, device=dev)
+            mask = visible_keys(query_pos, width * bs, self.config.sliding_window)
+            meta.decode_mask = mask[:, None, None, :]  # (B, 1, 1, keys)
+            meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=dev)
+            meta.all_decode = not prefills
+        meta.prefills = prefills
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        return input_ids, torch.tensor(positions, dtype=torch.long, device=dev), meta
+
+    @torch.inference_mode()
+    def _forward(self, step: StepInput) -> torch.Tensor | None:
+        """Run this stage; returns the last stage's final hidden states (T, h), else None."""
+        input_ids, positions, meta = self._metadata(step.chunks)
+        hidden = residual = None
+        if not self.is_first:
+            shape = (input_ids.shape[0], self.config.hidden_size)
+            hidden = pp_recv(shape, self.dtype, self.device)
+            residual = pp_recv(shape, self.dtype, self.device)
+        hidden, residual = self.model(input_ids, positions, meta, hidden, residual)
+        if not self.is_last:
+            pp_send(hidden)
+            pp_send(residual)
+            return None
+        return hidden
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> list[SampleResult] | None:
+        """Run one step; the output rank returns a token for every chunk that samples."""
+        if self.sampler is not None:
+            for seq_id in step.finished_seqs:
+                self.sampler.remove(seq_id)
+            for seq_id, params in step.new_seqs.items():
+                self.sampler.add(seq_id, params)
+        hidden = self._forward(step)
+        if hidden is None:
+            return None
+        ends, seq_ids, offset = [], [], 0
+        for chunk in step.chunks:
+            offset += len(chunk.token_ids)
+            if chunk.sample:
+                ends.append(offset - 1)
+                seq_ids.append(chunk.seq_id)
+        if not ends:
+            return [] if self.is_output_rank else None
+        index = torch.tensor(ends, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[index])  # (sampled seqs, vocab) on TP rank 0
+        if logits is None or self.sampler is None:
+            return None
+        return self.sampler(seq_ids, logits)
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:
+        """Full-vocabulary logits (T, vocab) at every position of one prompt, on the output rank.
+
+        Used for scoring and perplexity, and by the tests that compare against transformers. The
+        engine runs it only while no request is in flight, so it may use any blocks of the cache.
+        """
+        needed = blocks_for_tokens(len(token_ids), self.block_size)
+        total = self.attn_layers[0].k_cache.shape[0]
+        if needed > total:
+            raise ValueError(f"prompt of {len(token_ids)} tokens exceeds the KV cache")
+        chunk = SeqChunk(-1, token_ids, 0, list(range(needed)), sample=False)
+        hidden = self._forward(StepInput([chunk]))
+        if hidden is None:
+            return None
+        logits = self.model.compute_logits(hidden)
+        return None if logits is None else logits.cpu()

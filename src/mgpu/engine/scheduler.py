@@ -1,0 +1,113 @@
+"""Continuous batching over the paged KV cache. Pure Python: no processes, no tensors.
+
+Every step the scheduler hands out a token budget (``max_num_batched_tokens``). Running sequences go
+first, in admission order: a decoding sequence needs one token, a sequence still in its prompt takes
+as much of the budget as it can (chunked prefill). Waiting sequences are admitted with what is left.
+When the cache has no block for a running sequence, the most recently admitted one is pre-empted:
+its blocks are freed and it goes back to the front of the queue, to be recomputed later. Nothing is
+ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mgpu.config import SchedulerConfig
+from mgpu.engine.block_manager import BlockManager
+from mgpu.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """A sequence and how many of its pending tokens are computed this step."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence, so a token is sampled after it."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens fed to the model this step."""
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Decides, step by step, which sequences run and how many tokens each feeds."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's batch (see the module docstring)."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # pre-empted below to make room for an older sequence
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        # Admit new work only when nothing had to be pre-empted: the cache is full otherwise.
+        while self.waiting and not out.preempted and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out

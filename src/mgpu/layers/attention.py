@@ -1,0 +1,133 @@
+"""Attention over a paged KV cache, in plain PyTorch (the same code on CPU and CUDA).
+
+The cache of one layer on one rank is two tensors of shape (num_blocks, block_size, kv_heads, head_dim).
+A sequence owns a list of blocks (its block table); token at position p lives in slot
+``block_table[p // block_size] * block_size + p % block_size``.
+
+Each step's tokens are flattened across sequences: (tokens, heads, head_dim). Sequences feeding one
+token (decode) are batched into one SDPA call over their gathered caches; sequences feeding several
+(prefill, or a chunk of one) are handled one by one with a causal mask offset by what is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence feeding several tokens this step."""
+
+    token_start: int  # index of its first token in the flat batch
+    num_tokens: int
+    start_pos: int  # position of its first token (> 0 when part of it is cached already)
+    block_table: torch.Tensor  # (num_blocks_of_seq,) int64
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs shared by every layer (STYLE.md convention 7)."""
+
+    slot_mapping: torch.Tensor  # (tokens,) int64: cache slot of each new token
+    decode_token_idx: torch.Tensor | None = (
+        None  # (B,) flat index of each decoding sequence's token
+    )
+    decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int64, padded with block 0
+    decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool: key visible
+    all_decode: bool = False  # every token of the step is a decode token (skip the index ops)
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def visible_keys(
+    query_pos: torch.Tensor, num_keys: int, sliding_window: int | None
+) -> torch.Tensor:
+    """(queries, keys) bool mask: key j is visible to a query at position p if j <= p (and within
+    the sliding window)."""
+    keys = torch.arange(num_keys, device=query_pos.device)
+    mask = keys.unsqueeze(0) <= query_pos.unsqueeze(1)
+    if sliding_window is not None:
+        mask &= keys.unsqueeze(0) > query_pos.unsqueeze(1) - sliding_window
+    return mask
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention of this rank's heads against the paged cache."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q (tokens, heads, d), k/v (tokens, kv_heads, d) -> (tokens, heads * d)."""
+        flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
+        if meta.all_decode:
+            return self._decode(q, meta).reshape(q.shape[0], -1)
+        out = torch.empty_like(q)
+        if meta.decode_token_idx is not None:
+            out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], meta)
+        for span in meta.prefills:
+            sl = slice(span.token_start, span.token_start + span.num_tokens)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], span)
+        return out.reshape(q.shape[0], -1)
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # q (B, heads, n, d); k, v (B, kv_heads, L, d); grouped heads share their KV head.
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q (B, heads, d) -> (B, heads, d), one new token per sequence."""
+        tables = meta.decode_block_tables  # (B, max_blocks)
+        batch = tables.shape[0]
+        k = self.k_cache[tables].view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_cache[tables].view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out = self._sdpa(q.unsqueeze(2), k, v, meta.decode_mask)  # (B, heads, 1, d)
+        return out.squeeze(2)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan
+    ) -> torch.Tensor:
+        """q (n, heads, d) of one sequence -> (n, heads, d)."""
+        n = span.num_tokens
+        qh = q.transpose(0, 1).unsqueeze(0)  # (1, heads, n, d)
+        window = self.sliding_window
+        if span.start_pos == 0 and (window is None or n <= window):
+            # Nothing cached before this chunk: attend to the fresh keys with a plain causal mask.
+            kh, vh, mask = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), None
+        else:
+            ctx = span.start_pos + n
+            slots = self.k_cache[span.block_table].view(-1, self.num_kv_heads, self.head_dim)
+            kh = slots[:ctx].transpose(0, 1).unsqueeze(0)  # (1, kv_heads, ctx, d)
+            vh = (
+                self.v_cache[span.block_table]
+                .view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+                .transpose(0, 1)
+                .unsqueeze(0)
+            )
+            positions = torch.arange(span.start_pos, ctx, device=q.device)
+            mask = visible_keys(positions, ctx, window)
+        return self._sdpa(qh, kh, vh, mask).squeeze(0).transpose(0, 1)

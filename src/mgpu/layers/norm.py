@@ -1,0 +1,29 @@
+"""RMSNorm, computed in float32 as Hugging Face's Llama does, with an optional fused residual add."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mgpu.layers.linear import load_replicated
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``; replicated on every TP rank."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = load_replicated  # type: ignore[attr-defined]
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalise ``x + residual`` (tokens, hidden); returns (normed, new residual)."""
+        if residual is not None:
+            x = x + residual
+        residual = x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype), residual

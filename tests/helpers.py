@@ -1,0 +1,133 @@
+"""Tiny random Hugging Face checkpoints for the tests: real files, written by ``transformers``."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Tensor parallelism splits each weight matrix "
+    "over several devices; pipeline parallelism gives each device a range of layers. "
+    "naïve café — 你好, 世界! Ünïcödé tëxt and numbers 0123456789. "
+) * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Architecture-specific config fields: a Llama-3-style, a Mistral-style and a Qwen2-style model.
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama3": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "tie_word_embeddings": False,
+    },
+    "mistral": {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+    },
+    "qwen2": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+    },
+}
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([_CORPUS], trainer)
+    return tok.to_str()
+
+
+def write_tokenizer(path: Path) -> None:
+    """A small byte-level BPE tokenizer (about 300 tokens) with a ChatML template."""
+    (path / "tokenizer.json").write_text(_tokenizer_json())
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|endoftext|>",
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
+
+
+def make_model(
+    path: Path,
+    arch: str = "llama3",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> Path:
+    """Write a random-weight HF checkpoint of a small config to ``path``; returns ``path``.
+
+    Args:
+        path: output directory (created).
+        arch: ``llama3``, ``mistral`` or ``qwen2``.
+        seed: weight initialisation seed.
+        dtype: dtype the weights are saved in.
+        **overrides: config fields (``num_key_value_heads``, ``vocab_size``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": 320,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "eos_token_id": 0,
+        "bos_token_id": None,
+        **ARCHS[arch],
+        **overrides,
+    }
+    if arch == "qwen2":
+        fields.setdefault("attention_bias", True)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the default init so logits are well spread
+            p.normal_(0.0, 0.2)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0).add_(torch.randn_like(p) * 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    model.to(dtype).save_pretrained(path)
+    write_tokenizer(path)
+    return path
