@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import weakref
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -123,7 +124,7 @@ class Executor:
         try:
             status, *payload = self.conns[rank].recv()
         except (EOFError, OSError):
-            self._fail(f"worker rank {rank} closed its connection")
+            self._fail_dead(rank)
         if status == "ok":
             return payload[0]
         exc, text = payload
@@ -133,6 +134,14 @@ class Executor:
             raise exc
         self._fail(f"worker rank {rank} failed: {type(exc).__name__}: {exc}")
         return None
+
+    def _fail_dead(self, rank: int) -> None:
+        proc = self.procs[rank]
+        proc.join(timeout=2)
+        how = f"exit code {proc.exitcode}"
+        if proc.exitcode is not None and proc.exitcode < 0:
+            how = f"signal {signal.Signals(-proc.exitcode).name}"
+        self._fail(f"worker rank {rank} (pid {proc.pid}) died ({how})")
 
     def _fail(self, message: str) -> None:
         self.shutdown()

@@ -34,7 +34,7 @@ from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
-from mgpu.models.loader import demo_model_path, resolve_model_path
+from mgpu.models.loader import demo_model_path, resolve_model_path, safetensors_files
 from mgpu.models.registry import model_class
 from mgpu.sampling import SampleResult, SamplingParams
 
@@ -146,6 +146,7 @@ class LLMEngine:
         self.model_path = resolve_model_path(model if model is not None else demo_model_path())
         self.model_config = ModelConfig.from_file(self.model_path)
         model_class(self.model_config)  # refuse unsupported architectures before spawning anything
+        safetensors_files(self.model_path)  # and a directory without usable weights
         self.parallel_config = ParallelConfig(
             tensor_parallel_size,
             pipeline_parallel_size,

@@ -1,0 +1,72 @@
+"""The engine against Hugging Face ``transformers`` on the same random weights (CPU, fp32).
+
+For each architecture style and TP size: logits at every prompt position within 1e-4, greedy
+32-token continuations identical, a batch of prompts of different lengths run together, and each
+rank's parameter bytes close to its 1/N share. The Llama-3 config has 2 KV heads, so TP=4 replicates
+them; the Mistral config has a vocabulary (321) that divides by neither 2 nor 4.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mgpu import LLM, SamplingParams
+from mgpu.config import ModelConfig
+from mgpu.memory import rank_weights
+from tests.helpers import make_model
+
+CONFIGS = {
+    "llama3": {"num_key_value_heads": 2},
+    "mistral": {"vocab_size": 321},
+    "qwen2": {},
+}
+PROMPTS = [list(range(3, 40)), [7, 8, 9], list(range(100, 117)), [42]]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(model dir, HF logits of PROMPTS[0], HF greedy continuations of every prompt)."""
+    arch = request.param
+    path = make_model(tmp_path_factory.mktemp(arch), arch, **CONFIGS[arch])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([PROMPTS[0]])).logits[0]
+        greedy = []
+        for ids in PROMPTS:
+            out = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            greedy.append(out[0, len(ids) :].tolist())
+    total_bytes = sum(p.numel() * 4 for p in hf.parameters())
+    return path, logits, greedy, total_bytes
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_matches_transformers(reference, tp: int) -> None:
+    path, ref_logits, ref_greedy, total_bytes = reference
+    with LLM(str(path), tensor_parallel_size=tp, device="cpu", dtype="float32", num_blocks=64) as llm:
+        logits = llm.prompt_logits(PROMPTS[0])
+        assert logits.shape == ref_logits.shape
+        assert (logits - ref_logits).abs().max().item() <= 1e-4
+
+        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        for out, expected in zip(outs, ref_greedy, strict=True):
+            assert out.outputs[0].token_ids == expected
+            assert out.outputs[0].finish_reason == "length"
+
+        config = ModelConfig.from_file(path)
+        replicated = rank_weights(config, tp).replicated_elements * 4
+        reports = llm.engine.rank_reports
+        assert len(reports) == tp
+        for report in reports:
+            assert report.param_bytes <= total_bytes / tp * 1.05 + replicated, report
