@@ -70,3 +70,34 @@ def test_matches_transformers(reference, tp: int) -> None:
         assert len(reports) == tp
         for report in reports:
             assert report.param_bytes <= total_bytes / tp * 1.05 + replicated, report
+
+
+@pytest.fixture(scope="module")
+def qwen_four_layers(tmp_path_factory: pytest.TempPathFactory):
+    """A 4-layer tied Qwen2-style model: a tied LM head on a stage without the embedding."""
+    path = make_model(tmp_path_factory.mktemp("qwen4"), "qwen2", num_hidden_layers=4)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = PROMPTS[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0]
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    return path, logits, out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "split"),
+    [(1, 2, None), (1, 3, None), (2, 2, None), (1, 2, (3, 1))],
+    ids=["pp2", "pp3", "tp2xpp2", "pp2-uneven-3-1"],
+)
+def test_pipeline_layouts_match_transformers(qwen_four_layers, tp: int, pp: int, split) -> None:
+    path, ref_logits, ref_greedy = qwen_four_layers
+    with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, layer_split=split,
+             device="cpu", dtype="float32", num_blocks=64) as llm:
+        assert (llm.prompt_logits(PROMPTS[0]) - ref_logits).abs().max().item() <= 1e-4
+        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 3, params, use_tqdm=False)
+        assert all(o.outputs[0].token_ids == ref_greedy for o in outs)
+        ranges = [r.layer_range for r in llm.engine.rank_reports]
+    expected = split or {2: (2, 2), 3: (2, 1, 1)}[pp]
+    assert [b - a for a, b in ranges[::tp]] == list(expected)

@@ -1,0 +1,242 @@
+"""Single-stream decode speed of mgpu at TP=1 and TP=2 on CPU, beside transformers, in one run.
+
+Question: how fast does one sequence decode, and how close is that to what the memory bandwidth of
+this machine allows? Batch-1 decode reads every weight once per token, so
+``limit = bandwidth / weight bytes per token`` bounds it; each result is reported as a fraction of
+that limit and as an effective weight bandwidth (weight bytes x tokens/s).
+
+Models: the bundled demo model, and a ~140M random Llama (hidden 1024, 12 layers, 16 heads, 4 KV
+heads, intermediate 2048, vocab 32000, tied) written to a temporary directory. The peer is
+``transformers`` ``generate()`` on the same weights, dtype and thread count.
+
+Run: ``python benchmarks/decode_speed.py`` (writes docs/benchmarks.md's decode section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from mgpu import LLM, SamplingParams
+from mgpu.config import ModelConfig
+from mgpu.memory import weight_bytes_per_rank
+from mgpu.models.loader import demo_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 1024,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "eos_token_id": 0,
+}
+MARK_START, MARK_END = "<!-- decode_speed:start -->", "<!-- decode_speed:end -->"
+
+
+@dataclass
+class Result:
+    """One measured configuration."""
+
+    model: str
+    engine: str
+    dtype: str
+    tp: int
+    tokens_per_s: float
+    weight_bytes: int
+    rss_mb: list[float]
+
+
+def memory_bandwidth_gbs(threads: int, size_mb: int = 512) -> float:
+    """Read bandwidth of this machine: best of several full reductions over a large tensor."""
+    torch.set_num_threads(threads)
+    x = torch.ones(size_mb * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def make_big_model(path: Path) -> Path:
+    """Write the ~140M random Llama (weights ~N(0, 0.02)) with the demo model's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(BIG_CONFIG)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((demo_model_path() / name).read_bytes())
+    return path
+
+
+def weight_bytes_read(path: Path, dtype: torch.dtype) -> int:
+    """Bytes of weights read per decoded token (the whole model at this dtype)."""
+    config = ModelConfig.from_file(path)
+    bits = torch.finfo(dtype).bits
+    return weight_bytes_per_rank(config, bits, vector_bytes=bits // 8)
+
+
+def prompt_ids(n: int = 16) -> list[int]:
+    return list(range(10, 10 + n))
+
+
+def time_mgpu(path: Path, dtype: str, tp: int, new_tokens: int) -> tuple[float, list[float]]:
+    """Decode tokens/s of mgpu: (time for 1 + new_tokens tokens) - (time for 1 token)."""
+    with LLM(str(path), tensor_parallel_size=tp, device="cpu", dtype=dtype, num_blocks=64,
+             max_model_len=512) as llm:
+        ids = [{"prompt_token_ids": prompt_ids()}]
+
+        def run(n: int) -> float:
+            params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+            t = time.perf_counter()
+            llm.generate(ids, params, use_tqdm=False)
+            return time.perf_counter() - t
+
+        run(8)  # warm-up
+        one = min(run(1) for _ in range(3))
+        full = min(run(1 + new_tokens) for _ in range(2))
+        rss = [r.resident_bytes / 2**20 for r in llm.engine.live_rank_reports()]
+    return new_tokens / (full - one), rss
+
+
+def time_transformers(path: Path, dtype: torch.dtype, threads: int, new_tokens: int) -> float:
+    """Decode tokens/s of transformers ``generate()`` (greedy, KV cache) on the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids = torch.tensor([prompt_ids()])
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    run(8)
+    one = min(run(1) for _ in range(3))
+    full = min(run(1 + new_tokens) for _ in range(2))
+    return new_tokens / (full - one)
+
+
+def render(results: list[Result], bandwidth: float, command: str) -> str:
+    """The markdown section: machine, command, table."""
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        MARK_START,
+        "## Single-stream decode (CPU)",
+        "",
+        f"Machine: {psutil.cpu_count()} cores ({cpu}), "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch {torch.__version__}; "
+        f"measured read bandwidth {bandwidth:.1f} GB/s.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| model | engine | dtype | TP | tokens/s | vs transformers | effective GB/s "
+        "| of decode limit | RSS per rank (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    peers = {(r.model, r.dtype): r.tokens_per_s for r in results if r.engine == "transformers"}
+    for r in results:
+        gbs = r.weight_bytes * r.tokens_per_s / 1e9
+        limit = bandwidth * 1e9 / r.weight_bytes
+        ratio = r.tokens_per_s / peers[(r.model, r.dtype)]
+        rss = ", ".join(f"{m:.0f}" for m in r.rss_mb) or "-"
+        lines.append(
+            f"| {r.model} | {r.engine} | {r.dtype} | {r.tp} | {r.tokens_per_s:.1f} | "
+            f"{ratio:.2f}x | {gbs:.1f} | {r.tokens_per_s / limit:.0%} | {rss} |"
+        )
+    lines += [
+        "",
+        "Effective GB/s = weight bytes read per token x tokens/s; decode limit = measured read "
+        "bandwidth / weight bytes per token. TP=2 on CPU splits the same cores over two worker "
+        "processes, so it shows the cost of the all-reduces rather than a speed-up.",
+        MARK_END,
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) this benchmark's section of docs/benchmarks.md."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if MARK_START in old:
+        head, rest = old.split(MARK_START, 1)
+        old = head + rest.split(MARK_END, 1)[1].lstrip("\n")
+        new = head.rstrip("\n") + "\n\n" + text + "\n" + old[len(head):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    doc.write_text(new)
+
+
+def main() -> None:
+    """Measure every configuration and write the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--big-dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--tp", default="1,2")
+    parser.add_argument("--rss-tp", default="4", help="extra TP sizes for resident memory only")
+    parser.add_argument("--models", default="demo,llama-140m")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    bandwidth = memory_bandwidth_gbs(threads)
+    tps = [int(t) for t in args.tp.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        big = make_big_model(Path(tmp) / "llama-140m")
+        cases = [("demo", demo_model_path(), "float32")]
+        cases += [("llama-140m", big, d) for d in args.big_dtypes.split(",")]
+        cases = [c for c in cases if c[0] in args.models.split(",")]
+        results: list[Result] = []
+        jobs = [(c, tp) for c in cases for tp in [0, *tps]]
+        for (name, path, dtype), tp in tqdm(jobs, desc="benchmark", unit="run"):
+            torch_dtype = getattr(torch, dtype)
+            wbytes = weight_bytes_read(path, torch_dtype)
+            if tp == 0:
+                speed = time_transformers(path, torch_dtype, threads, args.new_tokens)
+                results.append(Result(name, "transformers", dtype, 1, speed, wbytes, []))
+            else:
+                speed, rss = time_mgpu(path, dtype, tp, args.new_tokens)
+                results.append(Result(name, "mgpu", dtype, tp, speed, wbytes, rss))
+        for tp in [int(t) for t in args.rss_tp.split(",") if t]:
+            _, rss = time_mgpu(cases[0][1], "float32", tp, 4)
+            results.append(Result("demo", "mgpu (RSS only)", "float32", tp, 0.0, 1, rss))
+    measured = [r for r in results if r.tokens_per_s > 0]
+    text = render(measured, bandwidth, "python benchmarks/decode_speed.py")
+    rss_rows = [r for r in results if r.tokens_per_s == 0]
+    if rss_rows:
+        extra = "\n".join(
+            f"Resident memory per rank, demo model at TP={r.tp}: "
+            + ", ".join(f"{m:.0f} MB" for m in r.rss_mb) for r in rss_rows
+        )
+        text = text.replace(MARK_END, extra + "\n" + MARK_END)
+    print(text)
+    print(json.dumps([r.__dict__ for r in results], indent=1))
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
