@@ -103,8 +103,14 @@ def prompt_ids(n: int = 16) -> list[int]:
 
 def time_mgpu(path: Path, dtype: str, tp: int, new_tokens: int) -> tuple[float, list[float]]:
     """Decode tokens/s of mgpu: (time for 1 + new_tokens tokens) - (time for 1 token)."""
-    with LLM(str(path), tensor_parallel_size=tp, device="cpu", dtype=dtype, num_blocks=64,
-             max_model_len=512) as llm:
+    with LLM(
+        str(path),
+        tensor_parallel_size=tp,
+        device="cpu",
+        dtype=dtype,
+        num_blocks=64,
+        max_model_len=512,
+    ) as llm:
         ids = [{"prompt_token_ids": prompt_ids()}]
 
         def run(n: int) -> float:
@@ -131,8 +137,14 @@ def time_transformers(path: Path, dtype: torch.dtype, threads: int, new_tokens: 
     def run(n: int) -> float:
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
         return time.perf_counter() - t
 
     run(8)
@@ -185,7 +197,7 @@ def write_section(text: str) -> None:
     if MARK_START in old:
         head, rest = old.split(MARK_START, 1)
         old = head + rest.split(MARK_END, 1)[1].lstrip("\n")
-        new = head.rstrip("\n") + "\n\n" + text + "\n" + old[len(head):]
+        new = head.rstrip("\n") + "\n\n" + text + "\n" + old[len(head) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     doc.write_text(new)
@@ -229,7 +241,8 @@ def main() -> None:
     if rss_rows:
         extra = "\n".join(
             f"Resident memory per rank, demo model at TP={r.tp}: "
-            + ", ".join(f"{m:.0f} MB" for m in r.rss_mb) for r in rss_rows
+            + ", ".join(f"{m:.0f} MB" for m in r.rss_mb)
+            for r in rss_rows
         )
         text = text.replace(MARK_END, extra + "\n" + MARK_END)
     print(text)

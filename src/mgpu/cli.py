@@ -57,7 +57,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         try:
             split = tuple(int(x) for x in args.layer_split.split(","))
         except ValueError:
-            raise MgpuError(f"--layer-split takes integers like 20,12, got {args.layer_split!r}")
+            raise MgpuError(
+                f"--layer-split takes integers like 20,12, got {args.layer_split!r}"
+            ) from None
     return {
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
@@ -115,6 +117,24 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_generate)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from mgpu.serve import add_serve_arguments, run_server
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    add_engine_arguments(p)
+    add_serve_arguments(p)
+    p.set_defaults(handler=run_server)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    from mgpu.chat import add_chat_arguments, run_chat
+
+    p = sub.add_parser("chat", help="chat in the terminal (with a server, or an engine here)")
+    add_engine_arguments(p)
+    add_chat_arguments(p)
+    p.set_defaults(handler=run_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mgpu`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -124,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_chat(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """Configuration as data: frozen dataclasses validated on creation.
 
 ``ModelConfig`` is derived from a Hugging Face ``config.json`` and nothing else: the engine keeps no
-hand-written table of model shapes. ``ParallelConfig``, ``CacheConfig`` and ``SchedulerConfig`` describe
+hand-written table of model shapes. ``ParallelConfig``, ``CacheConfig`` and ``SchedulerConfig``
+describe
 how the engine runs it. Each field's docstring (the ``help`` metadata) doubles as CLI help text.
 """
 
@@ -53,7 +54,7 @@ def _help(text: str) -> Any:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling from ``config.json`` ``rope_scaling`` (only ``llama3`` changes maths)."""
+    """RoPE frequency scaling from ``config.json`` (only the ``llama3`` type changes the maths)."""
 
     rope_type: str = "default"
     factor: float = 1.0
@@ -97,7 +98,7 @@ class ModelConfig:
     max_position_embeddings: int = _help("Longest context the model was trained for.")
     rms_norm_eps: float = _help("Epsilon of RMSNorm.")
     rope_theta: float = _help("RoPE base frequency.")
-    rope_scaling: RopeScaling | None = _help("RoPE scaling (llama3) or None.")
+    rope_scaling: RopeScaling | None = _help("RoPE scaling (llama3) or None.")  # noqa: RUF009
     tie_word_embeddings: bool = _help("LM head shares the embedding matrix.")
     attention_bias: bool = _help("q/k/v projections have a bias (Qwen2).")
     mlp_bias: bool = _help("MLP projections have a bias.")
@@ -193,7 +194,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is split over ranks: ``world_size = tensor_parallel_size x pipeline_parallel_size``.
+    """How the model is split over ranks: ``world_size = tensor_parallel_size x
+    pipeline_parallel_size``.
 
     Rank layout (TP innermost, as in Megatron/vLLM), worked example with 8 ranks = TP 2 x PP 4::
 
@@ -202,7 +204,8 @@ class ParallelConfig:
         pp_rank 2: ranks 4 5
         pp_rank 3: ranks 6 7   (last stage: rank 6 samples and returns tokens)
 
-    ``rank = pp_rank * tp_size + tp_rank``; TP groups are {0,1},{2,3},...; PP groups {0,2,4,6},{1,3,5,7}.
+    ``rank = pp_rank * tp_size + tp_rank``; TP groups are {0,1},{2,3},...; PP groups
+    {0,2,4,6},{1,3,5,7}.
     """
 
     tensor_parallel_size: int = 1
@@ -236,7 +239,8 @@ class ParallelConfig:
         if tp not in valid:
             raise ConfigError(
                 f"tensor parallel size {tp} does not divide the model's "
-                f"{model.num_attention_heads} attention heads / {model.num_key_value_heads} KV heads; "
+                f"{model.num_attention_heads} attention heads / "
+                f"{model.num_key_value_heads} KV heads; "
                 f"sizes that work: {', '.join(map(str, valid))}"
             )
         pp = self.pipeline_parallel_size
@@ -244,12 +248,12 @@ class ParallelConfig:
             raise ConfigError(
                 f"pipeline parallel size {pp} exceeds the model's {model.num_hidden_layers} layers"
             )
-        if self.layer_split is not None:
-            if sum(self.layer_split) != model.num_hidden_layers or min(self.layer_split) < 1:
-                raise ConfigError(
-                    f"--layer-split {','.join(map(str, self.layer_split))} must be positive and sum "
-                    f"to the model's {model.num_hidden_layers} layers"
-                )
+        split = self.layer_split
+        if split is not None and (sum(split) != model.num_hidden_layers or min(split) < 1):
+            raise ConfigError(
+                f"--layer-split {','.join(map(str, split))} must be positive and sum "
+                f"to the model's {model.num_hidden_layers} layers"
+            )
 
     def layer_range(self, model: ModelConfig, pp_rank: int) -> tuple[int, int]:
         """Half-open ``[start, end)`` layer range of pipeline stage ``pp_rank``."""

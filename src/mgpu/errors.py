@@ -17,7 +17,7 @@ class ConfigError(MgpuError):
 
 
 class ModelLoadError(MgpuError):
-    """The model cannot be found or its files are wrong (missing, unexpected or mis-shaped tensor)."""
+    """The model cannot be found, or its files are wrong (a missing, unexpected or bad tensor)."""
 
 
 class UnsupportedModelError(ModelLoadError):

@@ -1,13 +1,15 @@
 """The one memory formula (STYLE.md convention 10).
 
-The planner, the engine's KV-cache allocator and the monitor all size memory with these functions, so
+The planner, the engine's KV-cache allocator and the monitor all size memory with these functions,
+so
 a plan and a running server never disagree about what fits.
 
 - weights per rank = sum over the rank's parameters of (elements x bits per weight / 8)
 - KV bytes per token per rank = 2 x layers on the rank x KV heads on the rank x head_dim x bytes
 
 Matrices (projections, embedding, LM head) are counted at ``bits_per_weight`` (which for quantized
-formats includes the per-block scales, e.g. 4.5 bits for GGUF q4_0); the small vectors (norm weights,
+formats includes the per-block scales, e.g. 4.5 bits for GGUF q4_0); the small vectors (norm
+weights,
 biases) stay at ``vector_bytes`` per element, as every engine keeps them unquantized.
 """
 
@@ -58,7 +60,8 @@ def rank_weights(
         is_first_stage: the stage holds the token embedding.
         is_last_stage: the stage holds the final norm and the LM head.
 
-    ``replicated_elements`` counts what every TP rank holds in full (norms, replicated KV heads), the
+    ``replicated_elements`` counts what every TP rank holds in full (norms, replicated KV heads),
+    the
     part that does not shrink with TP.
     """
     h, d = model.hidden_size, model.head_dim

@@ -1,6 +1,7 @@
 """Sampling parameters (validated, vLLM-compatible names) and the batched sampler.
 
-The sampler runs on the one rank that returns tokens (TP rank 0 of the last pipeline stage) and keeps
+The sampler runs on the one rank that returns tokens (TP rank 0 of the last pipeline stage) and
+keeps
 per-sequence state there: a seeded generator and the counts of generated tokens for the penalties.
 That state survives pre-emption, so a recomputed sequence continues its random stream and penalties.
 """
@@ -143,13 +144,14 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = self._sample(logits, params, [s.generator for s in states])
         results = []
-        for row, (token, p, state) in enumerate(zip(tokens, params, states)):
+        for row, (token, p, state) in enumerate(zip(tokens, params, states, strict=False)):
             result = SampleResult(token)
             if p.logprobs is not None:
                 result.logprob = float(logprobs[row, token])
                 if p.logprobs > 0:
                     top = logprobs[row].topk(p.logprobs)
-                    result.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+                    pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+                    result.top_logprobs = list(pairs)
             if state.counts is not None:
                 state.counts[token] += 1
             results.append(result)

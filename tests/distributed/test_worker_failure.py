@@ -25,7 +25,7 @@ def test_killed_worker_raises_quickly(tiny_llama: Path) -> None:
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     start = time.monotonic()
     killer.start()
-    with pytest.raises(WorkerError, match="worker rank 1 .* died"):
+    with pytest.raises(WorkerError, match=r"worker rank 1 .* died"):
         for _ in range(1000):  # long enough that the kill lands mid-generation
             llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, params, use_tqdm=False)
     assert time.monotonic() - start < 10
@@ -37,14 +37,16 @@ def test_killed_worker_raises_quickly(tiny_llama: Path) -> None:
 
 def test_no_orphans_when_parent_is_killed(tiny_llama: Path, tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, time
         from mgpu import LLM
         if __name__ == "__main__":
             llm = LLM({str(tiny_llama)!r}, tensor_parallel_size=2, device="cpu", num_blocks=16)
             print(" ".join(str(p.pid) for p in llm.engine.executor.procs), flush=True)
             time.sleep(600)
-    """))
+    """)
+    )
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
@@ -54,8 +56,11 @@ def test_no_orphans_when_parent_is_killed(tiny_llama: Path, tmp_path: Path) -> N
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
             time.sleep(0.2)
-        alive = [p for p in pids if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p
+            for p in pids
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         assert not alive, f"orphan workers {alive}"
     finally:
         parent.kill()

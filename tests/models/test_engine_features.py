@@ -15,7 +15,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm(tiny_llama: Path):
     # 12 blocks x 16 tokens: too small for 8 sequences of ~40 tokens at once, so it pre-empts.
-    with LLM(str(tiny_llama), device="cpu", dtype="float32", num_blocks=12, max_model_len=128) as llm:
+    with LLM(
+        str(tiny_llama), device="cpu", dtype="float32", num_blocks=12, max_model_len=128
+    ) as llm:
         yield llm
 
 
@@ -35,20 +37,28 @@ def test_batch_equals_alone_even_with_preemption(llm: LLM) -> None:
 def test_stop_strings_and_token_ids(llm: LLM) -> None:
     full = llm.generate("The quick brown", GREEDY, use_tqdm=False)[0].outputs[0]
     stop = full.text[5:8]
-    cut = llm.generate("The quick brown", SamplingParams(temperature=0, max_tokens=24, stop=[stop],
-                                                         ignore_eos=True), use_tqdm=False)[0]
+    cut = llm.generate(
+        "The quick brown",
+        SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     out = cut.outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == full.text[: full.text.find(stop)]
     token = full.token_ids[3]
-    out = llm.generate("The quick brown", SamplingParams(temperature=0, max_tokens=24,
-                       stop_token_ids=[token], ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "The quick brown",
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[token], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.token_ids == full.token_ids[: full.token_ids.index(token) + 1]
     assert out.stop_reason == token
 
 
 def test_seeded_sampling_is_reproducible_and_n_works(llm: LLM) -> None:
-    params = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=16, n=3, ignore_eos=True)
+    params = SamplingParams(
+        temperature=1.0, top_p=0.9, seed=123, max_tokens=16, n=3, ignore_eos=True
+    )
     a = llm.generate("Tensor", params, use_tqdm=False)[0]
     b = llm.generate("Tensor", params, use_tqdm=False)[0]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
@@ -59,14 +69,20 @@ def test_seeded_sampling_is_reproducible_and_n_works(llm: LLM) -> None:
 def test_prompt_too_long_and_length_cap(llm: LLM) -> None:
     with pytest.raises(PromptError, match="130 tokens but --max-model-len is 128"):
         llm.generate([{"prompt_token_ids": [5] * 130}], GREEDY, use_tqdm=False)
-    out = llm.generate([{"prompt_token_ids": [5] * 120}], SamplingParams(temperature=0, max_tokens=50,
-                       ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [{"prompt_token_ids": [5] * 120}],
+        SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
 
 
 def test_logprobs(llm: LLM) -> None:
-    out = llm.generate("quick", SamplingParams(temperature=0, max_tokens=4, logprobs=3,
-                       ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "quick",
+        SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert len(out.logprobs) == 4
     for token, result in zip(out.token_ids, out.logprobs, strict=True):
         assert result.token_id == token and result.top_logprobs[0][0] == token

@@ -12,7 +12,6 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from mgpu.cli import main
-from tests.helpers import make_model
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -26,7 +25,9 @@ def test_missing_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert f"model directory {tmp_path / 'nope'} does not exist" in err
 
 
-def test_unsupported_architecture(capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path) -> None:
+def test_unsupported_architecture(
+    capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path
+) -> None:
     model = tmp_path / "gpt2ish"
     model.mkdir()
     config = json.loads((tiny_llama / "config.json").read_text())
@@ -56,7 +57,9 @@ def _copy_with(tmp: Path, src: Path, mutate) -> Path:
     return tmp
 
 
-def test_missing_tensor(capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path) -> None:
+def test_missing_tensor(
+    capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path
+) -> None:
     name = "model.layers.1.self_attn.k_proj.weight"
     model = _copy_with(tmp_path / "m", tiny_llama, lambda t: t.pop(name))
     code, err = run_cli(capsys, "--model", str(model), "--tensor-parallel-size", "2")
@@ -64,7 +67,9 @@ def test_missing_tensor(capsys: pytest.CaptureFixture[str], tiny_llama: Path, tm
     assert f"missing tensor(s) {name}" in err
 
 
-def test_misshaped_tensor(capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path) -> None:
+def test_misshaped_tensor(
+    capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path
+) -> None:
     name = "model.layers.0.mlp.down_proj.weight"
 
     def shrink(t: dict) -> None:
@@ -76,7 +81,9 @@ def test_misshaped_tensor(capsys: pytest.CaptureFixture[str], tiny_llama: Path, 
     assert f"checkpoint tensor {name} has shape (64, 120), expected (64, 128)" in err
 
 
-def test_unexpected_tensor(capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path) -> None:
+def test_unexpected_tensor(
+    capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path
+) -> None:
     import torch
 
     model = _copy_with(tmp_path / "m", tiny_llama, lambda t: t.update(extra=torch.zeros(2)))
@@ -85,7 +92,9 @@ def test_unexpected_tensor(capsys: pytest.CaptureFixture[str], tiny_llama: Path,
     assert "unexpected tensor 'extra'" in err
 
 
-def test_pickle_checkpoints_refused(capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path) -> None:
+def test_pickle_checkpoints_refused(
+    capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path
+) -> None:
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text((tiny_llama / "config.json").read_text())
@@ -97,16 +106,31 @@ def test_pickle_checkpoints_refused(capsys: pytest.CaptureFixture[str], tiny_lla
 
 def test_cli_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "mgpu.cli", "generate", "--model", str(tmp_path / "nope"),
-         "--prompt", "x", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [
+            sys.executable,
+            "-m",
+            "mgpu.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "nope"),
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"mgpu: error: model directory {tmp_path / 'nope'} does not exist"
 
 
-def test_offline_hub_id_not_cached(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_offline_hub_id_not_cached(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     code, err = run_cli(capsys, "--model", "nobody/not-a-model")
@@ -115,8 +139,21 @@ def test_offline_hub_id_not_cached(capsys: pytest.CaptureFixture[str], monkeypat
 
 
 def test_cli_generate_streams(capsys: pytest.CaptureFixture[str], tiny_llama: Path) -> None:
-    code = main(["generate", "--model", str(tiny_llama), "--device", "cpu", "--prompt", "The quick",
-                 "--max-tokens", "8", "--tensor-parallel-size", "2"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_llama),
+            "--device",
+            "cpu",
+            "--prompt",
+            "The quick",
+            "--max-tokens",
+            "8",
+            "--tensor-parallel-size",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith("The quick") and len(out) > len("The quick\n")

@@ -8,8 +8,6 @@ them; the Mistral config has a vocabulary (321) that divides by neither 2 nor 4.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -53,7 +51,9 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_matches_transformers(reference, tp: int) -> None:
     path, ref_logits, ref_greedy, total_bytes = reference
-    with LLM(str(path), tensor_parallel_size=tp, device="cpu", dtype="float32", num_blocks=64) as llm:
+    with LLM(
+        str(path), tensor_parallel_size=tp, device="cpu", dtype="float32", num_blocks=64
+    ) as llm:
         logits = llm.prompt_logits(PROMPTS[0])
         assert logits.shape == ref_logits.shape
         assert (logits - ref_logits).abs().max().item() <= 1e-4
@@ -80,9 +80,15 @@ def qwen_four_layers(tmp_path_factory: pytest.TempPathFactory):
     ids = PROMPTS[0]
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0]
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-    return path, logits, out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return path, logits, out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize(
@@ -92,8 +98,15 @@ def qwen_four_layers(tmp_path_factory: pytest.TempPathFactory):
 )
 def test_pipeline_layouts_match_transformers(qwen_four_layers, tp: int, pp: int, split) -> None:
     path, ref_logits, ref_greedy = qwen_four_layers
-    with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, layer_split=split,
-             device="cpu", dtype="float32", num_blocks=64) as llm:
+    with LLM(
+        str(path),
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        layer_split=split,
+        device="cpu",
+        dtype="float32",
+        num_blocks=64,
+    ) as llm:
         assert (llm.prompt_logits(PROMPTS[0]) - ref_logits).abs().max().item() <= 1e-4
         params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 3, params, use_tqdm=False)

@@ -31,7 +31,9 @@ def test_weight_count_matches_transformers(tiny_llama) -> None:
     config = ModelConfig.from_file(tiny_llama)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama)
     counts = rank_weights(config, 1)
-    assert counts.matrix_elements + counts.vector_elements == sum(p.numel() for p in hf.parameters())
+    assert counts.matrix_elements + counts.vector_elements == sum(
+        p.numel() for p in hf.parameters()
+    )
 
 
 def test_kv_bytes_per_token(tiny_llama) -> None:
@@ -44,12 +46,23 @@ def test_llama3_rope_matches_transformers() -> None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    raw = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 8192, "rope_type": "llama3", "rope_theta": 500000.0}
+    raw = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+    }
     hf_config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=raw)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
-    ours = rope_inv_freq(128, 500000.0, ModelConfig.from_dict(
-        {**hf_config.to_dict(), "architectures": ["LlamaForCausalLM"]}).rope_scaling)
+    ours = rope_inv_freq(
+        128,
+        500000.0,
+        ModelConfig.from_dict(
+            {**hf_config.to_dict(), "architectures": ["LlamaForCausalLM"]}
+        ).rope_scaling,
+    )
     torch.testing.assert_close(ours, expected)
 
 

@@ -10,8 +10,17 @@ from mgpu.sampling import Sampler, SamplingParams, SamplingParamsError, _truncat
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("n", 0), ("max_tokens", -1),
-     ("min_p", 2.0), ("top_k", -5), ("logprobs", 21), ("presence_penalty", 3.0)],
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("n", 0),
+        ("max_tokens", -1),
+        ("min_p", 2.0),
+        ("top_k", -5),
+        ("logprobs", 21),
+        ("presence_penalty", 3.0),
+    ],
 )
 def test_invalid_params_name_the_field(field: str, value: float) -> None:
     with pytest.raises(SamplingParamsError) as info:

@@ -38,7 +38,9 @@ def test_block_manager_allocates_and_frees() -> None:
 
 
 def test_chunked_prefill_under_token_budget() -> None:
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_model_len=64), BlockManager(16, 4))
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=10, max_model_len=64), BlockManager(16, 4)
+    )
     a, b = seq(0, 25), seq(1, 3)
     sched.add(a)
     sched.add(b)

@@ -1,6 +1,7 @@
 """The collectives of the model, in one place (STYLE.md convention 2).
 
-Only the row-parallel linear, the vocab-parallel embedding, the LM head and the pipeline hand-off call
+Only the row-parallel linear, the vocab-parallel embedding, the LM head and the pipeline hand-off
+call
 these. Each is a no-op when its group has one rank.
 """
 

@@ -14,7 +14,8 @@ Rank layout (TP innermost), worked example with 8 ranks = TP 2 x PP 4::
     PP groups: {0,2,4,6} {1,3,5,7}       (hidden states passed stage to stage)
 
 Layers ask for the TP or PP group through the accessors below, never for the global group. With one
-rank and no ``torch.distributed`` initialised, every size is 1 and collectives are no-ops, so a layer
+rank and no ``torch.distributed`` initialised, every size is 1 and collectives are no-ops, so a
+layer
 can be built and tested in a single process.
 """
 

@@ -1,1 +1,1 @@
-"""The control plane: sequences, block manager, scheduler (pure Python), and the process plumbing."""
+"""The control plane: sequences, block manager, scheduler (pure Python), process plumbing."""

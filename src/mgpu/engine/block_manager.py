@@ -38,7 +38,7 @@ class BlockManager:
         return self.blocks_needed(block_table, num_tokens) <= len(self._free)
 
     def allocate(self, block_table: list[int], num_tokens: int) -> bool:
-        """Grow ``block_table`` in place to hold ``num_tokens`` tokens; False (unchanged) if full."""
+        """Grow ``block_table`` in place to hold ``num_tokens`` tokens; False if blocks run out."""
         need = self.blocks_needed(block_table, num_tokens)
         if need > len(self._free):
             return False

@@ -2,7 +2,8 @@
 
 Decoding token by token breaks words whose bytes span several tokens (a Chinese character, an emoji)
 and drops the leading spaces some tokenizers encode in the next token. Instead, each step decodes a
-short window: the tokens already emitted (``prefix_offset:read_offset``) and the same window plus the
+short window: the tokens already emitted (``prefix_offset:read_offset``) and the same window plus
+the
 new tokens; the difference is the new text. While the tail decodes to the replacement character
 (an incomplete UTF-8 sequence), nothing is emitted and the window grows.
 """

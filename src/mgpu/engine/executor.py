@@ -7,6 +7,7 @@ the process sentinels as well as the pipes. The engine then stops every worker a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -173,10 +174,8 @@ class Executor:
             return
         self._closed = True
         for conn in self.conns:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(("shutdown", (), False))
-            except (BrokenPipeError, OSError):
-                pass
         for proc in self.procs:
             proc.join(timeout=3)
         _kill_all(self.procs)

@@ -63,7 +63,8 @@ class LLM:
         """Complete every prompt; outputs come back in the order of the prompts.
 
         Args:
-            prompts: a string, a list of strings, token-id lists, or ``{"prompt_token_ids": [...]}``.
+            prompts: a string, a list of strings, token-id lists, or ``{"prompt_token_ids":
+            [...]}``.
             sampling_params: one for all prompts, or one per prompt (default: greedy-free defaults).
             use_tqdm: show a progress bar.
         """
@@ -78,7 +79,7 @@ class LLM:
             raise ValueError("give one SamplingParams, or exactly one per prompt")
         order = []
         try:
-            for prompt, p in zip(prompts, per_prompt):
+            for prompt, p in zip(prompts, per_prompt, strict=False):
                 rid = str(next(self._ids))
                 text, ids = _split_prompt(prompt)
                 self.engine.add_request(rid, text, p, prompt_token_ids=ids)

@@ -113,7 +113,8 @@ class LLMEngine:
         tensor_parallel_size: ranks each layer is split over.
         pipeline_parallel_size: pipeline stages (contiguous layer ranges).
         layer_split: layers per stage, e.g. ``(10, 6)``; even when None.
-        device: ``"cpu"`` (gloo workers) or ``"cuda"`` (NCCL, one GPU per rank); default cuda if present.
+        device: ``"cpu"`` (gloo workers) or ``"cuda"`` (NCCL, one GPU per rank); default cuda if
+        present.
         dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
         max_model_len: longest prompt + completion (default: the model's context).
         max_num_seqs: most sequences in the running batch.

@@ -1,6 +1,7 @@
 """The small picklable messages the engine sends its workers, one per step (STYLE.md convention 6).
 
-Tensors never travel this way: only token ids, positions and block ids. Workers build their own input
+Tensors never travel this way: only token ids, positions and block ids. Workers build their own
+input
 tensors from them, and activations move between ranks through ``torch.distributed``.
 """
 

@@ -1,13 +1,16 @@
 """The worker process: one per rank. It joins the process groups, loads its shard and serves calls.
 
 Protocol over its pipe to the engine: the engine sends ``(method, args, reply)``; the worker calls
-``ModelRunner.method(*args)`` and, when ``reply`` is true, sends back ``("ok", result)``. Any exception
-is sent as ``("error", exception, traceback text)`` and the worker exits, so the engine notices at once.
+``ModelRunner.method(*args)`` and, when ``reply`` is true, sends back ``("ok", result)``. Any
+exception
+is sent as ``("error", exception, traceback text)`` and the worker exits, so the engine notices at
+once.
 Only the output rank replies to ``execute``: the other ranks stay silent unless they fail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -61,10 +64,8 @@ def worker_main(init: WorkerInit, conn: Connection) -> None:
     try:
         _serve(init, conn)
     except BaseException as exc:  # report everything, including SystemExit from a bad call
-        try:
+        with contextlib.suppress(OSError, EOFError):
             conn.send(("error", _picklable(exc), traceback.format_exc()))
-        except (OSError, EOFError):
-            pass
         os._exit(1)
     os._exit(0)
 

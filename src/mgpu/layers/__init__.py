@@ -1,1 +1,1 @@
-"""Tensor-parallel building blocks: each layer allocates only its own shard (STYLE.md convention 1)."""
+"""Tensor-parallel building blocks: each layer allocates only its own shard (STYLE.md, 1)."""

@@ -1,6 +1,7 @@
 """Attention over a paged KV cache, in plain PyTorch (the same code on CPU and CUDA).
 
-The cache of one layer on one rank is two tensors of shape (num_blocks, block_size, kv_heads, head_dim).
+The cache of one layer on one rank is two tensors of shape (num_blocks, block_size, kv_heads,
+head_dim).
 A sequence owns a list of blocks (its block table); token at position p lives in slot
 ``block_table[p // block_size] * block_size + p % block_size``.
 

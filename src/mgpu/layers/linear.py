@@ -1,13 +1,15 @@
 """Column- and row-parallel linear layers (Megatron-style), sharded at construction.
 
-Each parameter carries a ``weight_loader(param, loaded, shard_id)`` that takes this rank's slice of a
+Each parameter carries a ``weight_loader(param, loaded, shard_id)`` that takes this rank's slice of
+a
 full checkpoint tensor. ``loaded`` is lazy (a safetensors slice): indexing it reads only the rows or
 columns this rank owns, so no rank ever materialises the full matrix.
 
 ::
 
     ColumnParallelLinear  W (out, in):  rank r holds rows    [r*out/tp, (r+1)*out/tp)   -> no comm
-    RowParallelLinear     W (out, in):  rank r holds columns [r*in/tp,  (r+1)*in/tp)    -> all-reduce
+    RowParallelLinear     W (out, in):  rank r holds columns [r*in/tp,  (r+1)*in/tp)    -> all-
+    reduce
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class ColumnParallelLinear(nn.Module):
 
     Args:
         input_size: width of x.
-        output_sizes: widths of the fused outputs, e.g. ``[inter, inter]`` for gate/up; each is split
+        output_sizes: widths of the fused outputs, e.g. ``[inter, inter]`` for gate/up; each is
+        split
             over the TP ranks separately so a rank holds ``[gate_r; up_r]``.
         bias: whether the projection has a bias.
     """
@@ -90,7 +93,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param((sum(self.local_sizes),), self.weight_loader) if bias else None
 
     def shard_rows(self, shard_id: int) -> tuple[int, int, int]:
-        """(offset in the local param, start row in the full tensor, rows) of fused output ``shard_id``."""
+        """(offset in the local param, first row in the full tensor, rows) of output ``shard_id``"""
         local = self.local_sizes[shard_id]
         return sum(self.local_sizes[:shard_id]), ps.get_tp_rank() * local, local
 
@@ -114,7 +117,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection, split by heads; KV heads replicated when TP > KV heads.
 
     With 8 query heads, 2 KV heads and TP 4, rank r holds query heads {2r, 2r+1} and KV head r // 2:
-    ranks 0,1 share KV head 0 and ranks 2,3 share KV head 1, so each rank computes attention locally.
+    ranks 0,1 share KV head 0 and ranks 2,3 share KV head 1, so each rank computes attention
+    locally.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 as Hugging Face's Llama does, with an optional fused residual add."""
+"""RMSNorm, computed in float32 as Hugging Face's Llama does, with a fused residual add."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding (rotate-half form, as in HF Llama/Mistral/Qwen2), with llama3 scaling."""
+"""Rotary position embedding (rotate-half form of HF Llama/Mistral/Qwen2), llama3 scaling."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None or scaling.rope_type != "llama3":
         return inv_freq
-    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and a smooth ramp between.
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and a smooth ramp
+    # between.
     old_len = scaling.original_max_position_embeddings
     low_wavelen = old_len / scaling.low_freq_factor
     high_wavelen = old_len / scaling.high_freq_factor
@@ -39,7 +40,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_positions, head_dim)
-        # float32 tables, cast to the activation dtype once at first use (HF casts cos/sin the same way)
+        # float32 tables, cast to the activation dtype once at first use (HF casts cos/sin the same
+        # way)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 

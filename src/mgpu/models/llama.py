@@ -1,6 +1,7 @@
 """The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5) built from tensor-parallel layers.
 
-One class covers the family: the differences are config fields (GQA ratio, QKV bias, tied embeddings,
+One class covers the family: the differences are config fields (GQA ratio, QKV bias, tied
+embeddings,
 RoPE scaling, sliding window). A pipeline stage builds only its layer range (STYLE.md convention 8):
 the first stage embeds tokens, the last applies the final norm and the LM head.
 
@@ -12,6 +13,8 @@ Per decoder layer and rank (tp = tensor-parallel size, h = hidden, d = head_dim)
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -111,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
     """
 
     #: HF checkpoint names fused into one local parameter: local name -> [(HF name, shard id)].
-    packed_modules = {
+    packed_modules: ClassVar[dict[str, list[tuple[str, int]]]] = {
         "qkv_proj": [("q_proj", 0), ("k_proj", 1), ("v_proj", 2)],
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }
@@ -201,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 def all_checkpoint_names(config: ModelConfig) -> set[str]:
-    """Names of every tensor a complete HF checkpoint of ``config`` may hold (for strict loading)."""
+    """Every tensor name a complete HF checkpoint of ``config`` may hold (for strict loading)."""
     names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     per_layer = [
         "input_layernorm.weight",

@@ -83,7 +83,7 @@ def _from_hub(repo_id: str) -> Path:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    """The checkpoint files of a model directory: the sharded index's files, or model.safetensors."""
+    """Checkpoint files of a model directory: the sharded index's files, or model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:

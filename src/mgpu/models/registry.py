@@ -26,6 +26,7 @@ def model_class(config: ModelConfig) -> type[nn.Module]:
         ) from None
     if config.is_moe:
         raise UnsupportedModelError(
-            f"{config.architecture} with {config.num_local_experts} experts (MoE) is not supported yet"
+            f"{config.architecture} with {config.num_local_experts} experts (MoE) is not "
+            "supported yet"
         )
     return cls
