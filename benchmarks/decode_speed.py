@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,7 +48,11 @@ BIG_CONFIG = {
     "tie_word_embeddings": True,
     "eos_token_id": 0,
 }
-MARK_START, MARK_END = "<!-- decode_speed:start -->", "<!-- decode_speed:end -->"
+
+
+def markers(device: str) -> tuple[str, str]:
+    """The comment lines delimiting this benchmark's section of docs/benchmarks.md per device."""
+    return f"<!-- decode_speed_{device}:start -->", f"<!-- decode_speed_{device}:end -->"
 
 
 @dataclass
@@ -63,15 +68,22 @@ class Result:
     rss_mb: list[float]
 
 
-def memory_bandwidth_gbs(threads: int, size_mb: int = 512) -> float:
-    """Read bandwidth of this machine: best of several full reductions over a large tensor."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_bandwidth_gbs(threads: int, device: str, size_mb: int = 512) -> float:
+    """Read bandwidth of the device: best of several full reductions over a large tensor."""
     torch.set_num_threads(threads)
-    x = torch.ones(size_mb * 2**20 // 4)
+    x = torch.ones(size_mb * 2**20 // 4, device=device)
     x.sum()
     best = float("inf")
     for _ in range(10):
+        _sync(device)
         t = time.perf_counter()
         x.sum()
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
 
@@ -126,13 +138,15 @@ def time_mgpu(path: Path, dtype: str, tp: int, new_tokens: int) -> tuple[float, 
     return new_tokens / (full - one), rss
 
 
-def time_transformers(path: Path, dtype: torch.dtype, threads: int, new_tokens: int) -> float:
+def time_transformers(
+    path: Path, dtype: torch.dtype, threads: int, new_tokens: int, device: str
+) -> float:
     """Decode tokens/s of transformers ``generate()`` (greedy, KV cache) on the same weights."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor([prompt_ids()])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    ids = torch.tensor([prompt_ids()], device=device)
 
     def run(n: int) -> float:
         t = time.perf_counter()
@@ -145,6 +159,7 @@ def time_transformers(path: Path, dtype: torch.dtype, threads: int, new_tokens: 
                 do_sample=False,
                 pad_token_id=0,
             )
+        _sync(device)
         return time.perf_counter() - t
 
     run(8)
@@ -153,16 +168,23 @@ def time_transformers(path: Path, dtype: torch.dtype, threads: int, new_tokens: 
     return new_tokens / (full - one)
 
 
-def render(results: list[Result], bandwidth: float, command: str) -> str:
+def render(results: list[Result], bandwidth: float, command: str, device: str) -> str:
     """The markdown section: machine, command, table."""
+    start, end = markers(device)
     cpu = platform.processor() or platform.machine()
+    title = "CPU"
+    machine = (
+        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    )
+    if device == "cuda":
+        title = machine = torch.cuda.get_device_name()
     lines = [
-        MARK_START,
-        "## Single-stream decode (CPU)",
+        start,
+        f"## Single-stream decode ({title})",
         "",
-        f"Machine: {psutil.cpu_count()} cores ({cpu}), "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch {torch.__version__}; "
-        f"measured read bandwidth {bandwidth:.1f} GB/s.",
+        f"Machine: {machine}, torch {torch.__version__}; "
+        f"measured read bandwidth {bandwidth:.1f} GB/s; "
+        f"run on {time.strftime('%Y-%m-%d')}.",
         "",
         f"Command: `{command}`",
         "",
@@ -185,18 +207,18 @@ def render(results: list[Result], bandwidth: float, command: str) -> str:
         "Effective GB/s = weight bytes read per token x tokens/s; decode limit = measured read "
         "bandwidth / weight bytes per token. TP=2 on CPU splits the same cores over two worker "
         "processes, so it shows the cost of the all-reduces rather than a speed-up.",
-        MARK_END,
+        end,
     ]
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md."""
-    doc = ROOT / "docs" / "benchmarks.md"
+def write_section(text: str, device: str, doc: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Replace (or append) this benchmark's section of ``doc``."""
+    start, end = markers(device)
     old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if MARK_START in old:
-        head, rest = old.split(MARK_START, 1)
-        old = head + rest.split(MARK_END, 1)[1].lstrip("\n")
+    if start in old:
+        head, rest = old.split(start, 1)
+        old = head + rest.split(end, 1)[1].lstrip("\n")
         new = head.rstrip("\n") + "\n\n" + text + "\n" + old[len(head) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
@@ -211,14 +233,18 @@ def main() -> None:
     parser.add_argument("--tp", default="1,2")
     parser.add_argument("--rss-tp", default="4", help="extra TP sizes for resident memory only")
     parser.add_argument("--models", default="demo,llama-140m")
+    parser.add_argument("--demo-dtype", default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--output", type=Path, help="also write the section to this file")
     args = parser.parse_args()
+    device = args.device
     threads = len(os.sched_getaffinity(0))
-    bandwidth = memory_bandwidth_gbs(threads)
+    bandwidth = memory_bandwidth_gbs(threads, device)
     tps = [int(t) for t in args.tp.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         big = make_big_model(Path(tmp) / "llama-140m")
-        cases = [("demo", demo_model_path(), "float32")]
+        cases = [("demo", demo_model_path(), args.demo_dtype)]
         cases += [("llama-140m", big, d) for d in args.big_dtypes.split(",")]
         cases = [c for c in cases if c[0] in args.models.split(",")]
         results: list[Result] = []
@@ -227,16 +253,17 @@ def main() -> None:
             torch_dtype = getattr(torch, dtype)
             wbytes = weight_bytes_read(path, torch_dtype)
             if tp == 0:
-                speed = time_transformers(path, torch_dtype, threads, args.new_tokens)
+                speed = time_transformers(path, torch_dtype, threads, args.new_tokens, device)
                 results.append(Result(name, "transformers", dtype, 1, speed, wbytes, []))
             else:
-                speed, rss = time_mgpu(path, dtype, tp, args.new_tokens)
+                speed, rss = time_mgpu(path, dtype, tp, args.new_tokens, device)
                 results.append(Result(name, "mgpu", dtype, tp, speed, wbytes, rss))
         for tp in [int(t) for t in args.rss_tp.split(",") if t]:
-            _, rss = time_mgpu(cases[0][1], "float32", tp, 4)
+            _, rss = time_mgpu(cases[0][1], "float32", tp, 4, device)
             results.append(Result("demo", "mgpu (RSS only)", "float32", tp, 0.0, 1, rss))
     measured = [r for r in results if r.tokens_per_s > 0]
-    text = render(measured, bandwidth, "python benchmarks/decode_speed.py")
+    command = " ".join(["python benchmarks/decode_speed.py", *sys.argv[1:]])
+    text = render(measured, bandwidth, command, device)
     rss_rows = [r for r in results if r.tokens_per_s == 0]
     if rss_rows:
         extra = "\n".join(
@@ -244,11 +271,14 @@ def main() -> None:
             + ", ".join(f"{m:.0f} MB" for m in r.rss_mb)
             for r in rss_rows
         )
-        text = text.replace(MARK_END, extra + "\n" + MARK_END)
+        end = markers(device)[1]
+        text = text.replace(end, extra + "\n" + end)
     print(text)
     print(json.dumps([r.__dict__ for r in results], indent=1))
+    if args.output:
+        args.output.write_text(text + "\n")
     if not args.no_write:
-        write_section(text)
+        write_section(text, device)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ def _picklable(exc: BaseException) -> BaseException:
 def _serve(init: WorkerInit, conn: Connection) -> None:
     import torch
     import torch.distributed as dist
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore; a worker that is killed leaks it and the
+    # parent's resource tracker then warns at exit. A thread lock is all a worker needs.
+    tqdm.set_lock(threading.RLock())
 
     from mgpu.config import parse_dtype
     from mgpu.distributed.parallel_state import destroy_distributed, init_distributed
