@@ -101,13 +101,24 @@ class PagedAttention(nn.Module):
         )
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q (B, heads, d) -> (B, heads, d), one new token per sequence."""
+        """q (B, heads, d) -> (B, heads, d), one new token per sequence.
+
+        Written as two small batched matmuls rather than SDPA: with one query per sequence the
+        fused kernel's set-up and threading cost more than the arithmetic (measured on CPU with
+        torch.profiler: 3.6 ms per call under load against tens of microseconds for the matmuls).
+        """
         tables = meta.decode_block_tables  # (B, max_blocks)
-        batch = tables.shape[0]
-        k = self.k_cache[tables].view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_cache[tables].view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = self._sdpa(q.unsqueeze(2), k, v, meta.decode_mask)  # (B, heads, 1, d)
-        return out.squeeze(2)
+        batch, kv_heads, d = tables.shape[0], self.num_kv_heads, self.head_dim
+        group = self.num_heads // kv_heads
+        flat = tables.reshape(-1)
+        k = self.k_cache.index_select(0, flat).view(batch, -1, kv_heads, d)  # (B, L, kv, d)
+        v = self.v_cache.index_select(0, flat).view(batch, -1, kv_heads, d)
+        qg = q.view(batch, kv_heads, group, d)  # query heads grouped by the KV head they share
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * self.scale  # (B, kv, g, L)
+        scores.masked_fill_(~meta.decode_mask, float("-inf"))  # mask (B, 1, 1, L)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # (B, kv, g, d)
+        return out.reshape(batch, self.num_heads, d)
 
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan

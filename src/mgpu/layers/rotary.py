@@ -31,7 +31,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k given each token's absolute position."""
+    """The cos/sin tables of RoPE, looked up by absolute position."""
 
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None
@@ -46,16 +46,28 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q (tokens, heads, d) and k (tokens, kv_heads, d) by their positions (tokens,)."""
+        """(cos, sin) for positions (tokens,), each (tokens, 1, head_dim) in ``dtype``.
+
+        Computed once per step and shared by every layer (one lookup instead of one per layer).
+        """
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the RoPE table ({self.cos.shape[0]})"
             )
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # (tokens, 1, d)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return (
+            self.cos[positions].to(dtype).unsqueeze(1),
+            self.sin[positions].to(dtype).unsqueeze(1),
+        )
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (tokens, heads, d) and k (tokens, kv_heads, d) by (cos, sin) from RotaryEmbedding."""
+    cos, sin = rope
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

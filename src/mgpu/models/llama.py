@@ -25,7 +25,11 @@ from mgpu.layers.attention import AttentionMetadata, PagedAttention
 from mgpu.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mgpu.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from mgpu.layers.norm import RMSNorm
-from mgpu.layers.rotary import RotaryEmbedding
+from mgpu.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+#: (cos, sin) of RoPE for the step's tokens, each (T, 1, head_dim), shared by all layers.
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
@@ -44,21 +48,16 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size)
-        self.rotary = RotaryEmbedding(
-            d, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
         self.head_dim = d
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T, h) -> (T, h)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (T, heads, d)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, kv_heads, d)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         out = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), meta)  # (T, heads * d)
         return self.o_proj(out)
 
@@ -91,14 +90,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: Rope,
         x: torch.Tensor,
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (layer output before its residual add, running residual), both (T, h)."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, meta)
+        h = self.self_attn(rope, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -135,6 +134,9 @@ class LlamaForCausalLM(nn.Module):
             if is_first_stage
             else None
         )
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config) for _ in range(self.start_layer, self.end_layer)
         )
@@ -166,8 +168,10 @@ class LlamaForCausalLM(nn.Module):
         """
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)  # (T, h)
+        assert hidden is not None, "a later pipeline stage needs the previous stage's hidden states"
+        rope = self.rotary_emb(positions, hidden.dtype)
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+            hidden, residual = layer(rope, hidden, residual, meta)
         if self.norm is not None:
             hidden, _ = self.norm(hidden, residual)
             residual = None
