@@ -65,7 +65,7 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (tokens, heads, d) and k (tokens, kv_heads, d) by (cos, sin) from RotaryEmbedding."""
+    """Rotate q (tokens, heads, d) and k (tokens, kv_heads, d) by RotaryEmbedding's (cos, sin)."""
     cos, sin = rope
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -27,7 +27,6 @@ from mgpu.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParal
 from mgpu.layers.norm import RMSNorm
 from mgpu.layers.rotary import RotaryEmbedding, apply_rotary
 
-
 #: (cos, sin) of RoPE for the step's tokens, each (T, 1, head_dim), shared by all layers.
 Rope = tuple[torch.Tensor, torch.Tensor]
 
