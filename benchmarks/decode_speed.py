@@ -113,12 +113,14 @@ def prompt_ids(n: int = 16) -> list[int]:
     return list(range(10, 10 + n))
 
 
-def time_mgpu(path: Path, dtype: str, tp: int, new_tokens: int) -> tuple[float, list[float]]:
+def time_mgpu(
+    path: Path, dtype: str, tp: int, new_tokens: int, device: str
+) -> tuple[float, list[float]]:
     """Decode tokens/s of mgpu: (time for 1 + new_tokens tokens) - (time for 1 token)."""
     with LLM(
         str(path),
         tensor_parallel_size=tp,
-        device="cpu",
+        device=device,
         dtype=dtype,
         num_blocks=64,
         max_model_len=512,

@@ -135,6 +135,16 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_chat)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from mgpu.planner.cli import add_plan_arguments, run_plan
+
+    p = sub.add_parser(
+        "plan", help="will it fit, on which GPUs, how fast: before anything is downloaded"
+    )
+    add_plan_arguments(p)
+    p.set_defaults(handler=run_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mgpu`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -146,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_chat(sub)
+    _add_plan(sub)
     return parser
 
 

@@ -1,0 +1,211 @@
+"""``mgpu serve``: the OpenAI-compatible HTTP server (also ``python -m mgpu.serve``).
+
+Flags take vLLM's names, so a ``vllm serve`` command line works with the program name changed.
+Start-up loads the engine, prints what it did (layout per rank, KV-cache size, how many sequences
+fit at full context, the URL) and serves until SIGINT or SIGTERM, then stops the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mgpu.errors import ConfigError
+
+#: Environment variable read when ``--api-key`` is not given.
+API_KEY_ENV = "MGPU_API_KEY"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's own flags (the engine flags come from ``mgpu.cli.add_engine_arguments``).
+
+    Args:
+        parser: the ``serve`` subcommand's parser.
+    """
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
+    g.add_argument(
+        "--served-model-name", default=None, help="name clients use (default: the model's)"
+    )
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body accepted (413 above it)",
+    )
+    g.add_argument(
+        "--num-gpu-blocks-override",
+        type=int,
+        default=None,
+        help="fix the KV cache at this many blocks instead of profiling memory",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        help="debug, info, warning, error (info also logs each HTTP request)",
+    )
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Start the engine, print the start-up report, serve until interrupted.
+
+    Args:
+        args: parsed ``serve`` flags (engine and server).
+    """
+    import uvicorn
+
+    from mgpu.cli import engine_kwargs
+    from mgpu.engine.llm_engine import LLMEngine
+    from mgpu.server.app import ServerConfig, build_app
+    from mgpu.server.async_engine import AsyncEngine
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    sock = _bind(args.host, args.port)
+    kwargs = {
+        **engine_kwargs(args),
+        "num_blocks": args.num_gpu_blocks_override,
+        "block_size": args.block_size,
+    }
+    try:
+        engine = LLMEngine(args.model, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    name = args.served_model_name or engine.model_path.name
+    aliases = tuple(a for a in (args.model, str(engine.model_path)) if a and a != name)
+    try:
+        config = ServerConfig(
+            served_model_name=name,
+            model_aliases=aliases,
+            api_key=args.api_key or None,
+            max_request_bytes=args.max_request_bytes,
+        )
+    except ValueError as exc:
+        engine.shutdown()
+        sock.close()
+        raise ConfigError(str(exc)) from None
+    async_engine = AsyncEngine(engine)
+    try:
+        app = build_app(async_engine, config)
+        url = _url(sock)
+        _print_report(engine, config, url)
+        level = getattr(args, "log_level", "warning").lower()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level=level,
+                access_log=level in ("debug", "info"),
+                timeout_graceful_shutdown=5,
+            )
+        )
+        server.run(sockets=[sock])
+    finally:
+        # The app already stopped the engine on a normal shutdown (before uvicorn re-raises the
+        # SIGINT/SIGTERM that ended it); this covers failures on the way up.
+        async_engine.shutdown()
+        sock.close()
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: one the OS picks).
+
+    The socket is made with ``IPPROTO_TCP`` named explicitly: asyncio sets ``TCP_NODELAY`` only on
+    connections whose protocol says TCP, and without it Nagle's algorithm holds each small
+    server-sent event back until the client's delayed ACK, some 40 ms.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _print_report(engine: Any, config: Any, url: str) -> None:
+    """What start-up did: the model, each rank's share, the KV cache, and where to connect."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    max_len = engine.scheduler_config.max_model_len
+    pc = engine.parallel_config
+    title = (
+        f"{config.served_model_name}: {engine.model_path} on {engine.device}, "
+        f"{str(engine.dtype).removeprefix('torch.')}, TP {pc.tensor_parallel_size} x "
+        f"PP {pc.pipeline_parallel_size}"
+    )
+    layout = Table(title=title, title_justify="left")
+    for column in (
+        "rank",
+        "tp rank",
+        "pp rank",
+        "layers",
+        "params (MB)",
+        "KV cache (MB)",
+        "device",
+    ):
+        layout.add_column(column, justify="right" if column != "device" else "left")
+    for r in engine.rank_reports:
+        first, end = r.layer_range
+        layout.add_row(
+            str(r.rank),
+            str(r.tp_rank),
+            str(r.pp_rank),
+            f"{first}-{end - 1}" if end > first else "-",
+            f"{r.param_bytes / 1e6:.1f}",
+            f"{r.kv_bytes_per_token * engine.num_kv_tokens / 1e6:.1f}",
+            r.device,
+        )
+    console.print(layout)
+    cache = engine.cache_config
+    tokens = engine.num_kv_tokens
+    console.print(
+        f"KV cache: {engine.block_manager.num_blocks} blocks x {cache.block_size} tokens = "
+        f"{tokens} tokens; max concurrency at full context ({max_len} tokens): "
+        f"{tokens / max_len:.2f}x",
+        soft_wrap=True,
+    )
+    auth = "API key required on /v1/*" if config.api_key else "no API key"
+    console.print(f"{auth}; request bodies up to {config.max_request_bytes} bytes", soft_wrap=True)
+    # One plain line, never wrapped, for people and for scripts that wait for it.
+    print(f"mgpu serve: listening on {url} (OpenAI API at {url}/v1)", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mgpu.serve [flags]``: the same as ``mgpu serve [flags]``.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+    """
+    from mgpu.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,782 @@
+"""The OpenAI-compatible HTTP API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
+plus ``/health``, ``/version`` and ``/metrics``.
+
+Requests are checked here (model name, sampling fields, prompt length against the context) and
+then handed to the :class:`~mgpu.server.async_engine.AsyncEngine`; every failure is answered with
+an OpenAI-shaped error (see :mod:`mgpu.server.errors`). Streaming uses server-sent events; a
+client that goes away, streaming or not, has its request aborted and its KV blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mgpu import __version__
+from mgpu.engine.llm_engine import CompletionOutput, PromptError, RequestOutput
+from mgpu.sampling import SampleResult, SamplingParams, SamplingParamsError
+from mgpu.server.async_engine import AsyncEngine, EngineDeadError
+from mgpu.server.errors import APIError, install_error_handlers, logger
+from mgpu.server.metrics import Metrics
+from mgpu.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    UsageInfo,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the HTTP layer behaves (the engine has its own configs).
+
+    Attributes:
+        served_model_name: the name clients put in ``model`` and see in ``/v1/models``.
+        model_aliases: other names accepted in ``model`` (e.g. the ``--model`` path).
+        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        max_request_bytes: largest request body accepted (413 above it).
+    """
+
+    served_model_name: str
+    model_aliases: tuple[str, ...] = ()
+    api_key: str | None = None
+    max_request_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            raise ValueError("served_model_name must not be empty")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (leave it unset for no authentication)")
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    ids: list[int]
+
+
+class _Timer:
+    """Feeds one HTTP request's time to first token and latency into the metrics."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.has_first_token = False
+        self.finish_reason = "abort"
+
+    def saw(self, out: RequestOutput) -> None:
+        """Note an output: the first one carrying a token sets the time to first token."""
+        if not self.has_first_token and any(c.token_ids for c in out.outputs):
+            self.has_first_token = True
+            self.metrics.record_first_token(time.monotonic() - self.arrival)
+        if out.finished:
+            self.finish_reason = out.outputs[-1].finish_reason or "stop"
+
+    def failed(self, exc: BaseException) -> None:
+        """The request ended with an error (a client that left counts as an abort)."""
+        if not (isinstance(exc, APIError) and exc.status == 499):
+            self.finish_reason = "error"
+
+    def done(self) -> None:
+        """The request has ended (``finish_reason`` is ``abort`` unless an output said why)."""
+        self.metrics.record_finished(time.monotonic() - self.arrival, self.finish_reason)
+
+
+class _Sent:
+    """How much of each choice a stream has sent, so every chunk carries only what is new.
+
+    Args:
+        num_choices: choices in the response (prompts x n).
+    """
+
+    def __init__(self, num_choices: int):
+        self.chars = [0] * num_choices
+        self.tokens = [0] * num_choices
+        self.finished: set[int] = set()
+
+    def take(
+        self, index: int, output: CompletionOutput
+    ) -> tuple[str, list[SampleResult] | None] | None:
+        """The unsent text and logprobs of choice ``index``; None when there is nothing to send.
+
+        The engine's text is cumulative and never takes back what it showed (it withholds a
+        possible stop string until it is sure), so the new text is what follows the sent part.
+        """
+        if index in self.finished:
+            return None
+        text = output.text[self.chars[index] :]
+        count = len(output.token_ids)
+        results = None
+        if output.logprobs is not None and count > self.tokens[index]:
+            results = output.logprobs[self.tokens[index] : count]
+        if not text and results is None and not output.finished:
+            return None
+        self.chars[index] += len(text)
+        self.tokens[index] = count
+        if output.finished:
+            self.finished.add(index)
+        return text, results
+
+
+class OpenAIServing:
+    """The request handlers, bound to one engine.
+
+    Args:
+        engine: the running engine.
+        config: HTTP-layer settings.
+    """
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.scheduler_config.max_model_len
+        self.metrics = Metrics(engine.engine, config.served_model_name)
+        # One thread: tokenisation leaves the event loop, and the tokenizer is never entered
+        # by two request threads at once.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="mgpu-tokenize")
+        self._token_text: dict[int, str] = {}
+
+    def close(self) -> None:
+        """Stop the tokenizer thread."""
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- shared checks ------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` names the served model (None means the served model)."""
+        names = (self.config.served_model_name, *self.config.model_aliases)
+        if model is not None and model not in names:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves "
+                f"'{self.config.served_model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_healthy(self) -> None:
+        """503 once the engine has stopped."""
+        if not self.engine.is_healthy:
+            raise APIError(
+                503,
+                f"the engine is not running: {self.engine.error or 'a worker process died'}",
+                code="engine_unavailable",
+            )
+
+    def check_prompt(self, ids: list[int], params: SamplingParams, param: str) -> None:
+        """400 for a prompt the engine cannot run, or one that leaves no room for max_tokens."""
+        limit, n, wanted = self.max_model_len, len(ids), params.max_tokens
+        if wanted is not None and n + wanted > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, but {n + wanted} were "
+                f"requested: {n} in the {param} and {wanted} for the completion (max_tokens). "
+                "Shorten the prompt or lower max_tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        try:
+            self.engine.engine.check_prompt(ids, wanted)
+        except PromptError as exc:
+            code = "context_length_exceeded" if n >= limit else None
+            raise APIError(400, str(exc), param=param, code=code) from None
+
+    @staticmethod
+    def sampling_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """The request's sampling parameters; 400 naming the field when one is out of range."""
+        try:
+            return request.sampling_params()
+        except SamplingParamsError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
+        except Exception as exc:  # jinja errors, a tokenizer without a template
+            raise APIError(
+                400, f"cannot apply the model's chat template: {exc}", param="messages"
+            ) from None
+        # transformers 5 returns a BatchEncoding (a Mapping), older versions a list.
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, as logprobs report it."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def _streams(
+        self, base_id: str, prompts: list[_Prompt], params: SamplingParams, timer: _Timer
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """Outputs of every prompt of a request, tagged with the prompt's position."""
+        gens = [
+            self.engine.generate(f"{base_id}-{i}", p.ids, params) for i, p in enumerate(prompts)
+        ]
+        return _merge(gens, timer)
+
+    async def _final(
+        self,
+        request: Request,
+        base_id: str,
+        prompts: list[_Prompt],
+        params: SamplingParams,
+        timer: _Timer,
+    ) -> list[RequestOutput]:
+        """The finished output of each prompt; aborts when the client disconnects first."""
+
+        async def collect() -> list[RequestOutput]:
+            last: dict[int, RequestOutput] = {}
+            async with contextlib.aclosing(self._streams(base_id, prompts, params, timer)) as outs:
+                async for i, out in outs:
+                    last[i] = out
+            return [last[i] for i in range(len(prompts))]
+
+        try:
+            return await _unless_disconnected(request, collect())
+        except Exception as exc:
+            error = _api_error(exc)
+            timer.failed(error)
+            raise error from None
+        finally:
+            timer.done()
+
+    # ---- /v1/completions ----------------------------------------------------------------------
+
+    async def completions(
+        self, body: CompletionRequest, request: Request
+    ) -> CompletionResponse | StreamingResponse:
+        """``POST /v1/completions``."""
+        timer = _Timer(self.metrics)
+        self.check_model(body.model)
+        self.check_healthy()
+        params = self.sampling_params(body)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported", param="echo")
+        prompts = await self._completion_prompts(body.prompt)
+        for p in prompts:
+            self.check_prompt(p.ids, params, "prompt")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            events = self._stream_completion(request_id, body, prompts, params, timer)
+            return _SSEResponse(events)
+        outputs = await self._final(request, request_id, prompts, params, timer)
+        choices = []
+        for i, out in enumerate(outputs):
+            prefix = self._prompt_text(prompts[i]) if body.echo else ""
+            for c in out.outputs:
+                logprobs = None
+                if c.logprobs is not None:
+                    logprobs, _ = self._completion_logprobs(c.logprobs, 0)
+                choices.append(
+                    CompletionChoice(
+                        index=i * params.n + c.index,
+                        text=prefix + c.text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                    )
+                )
+        return CompletionResponse(
+            id=request_id,
+            model=self.config.served_model_name,
+            choices=choices,
+            usage=_usage(outputs),
+        )
+
+    async def _completion_prompts(
+        self, prompt: str | list[int] | list[str] | list[list[int]]
+    ) -> list[_Prompt]:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            items: list[Any] = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise APIError(400, "'prompt' is empty", param="prompt")
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                prompts.append(_Prompt(item, await self._in_thread(self._tokenize, item)))
+            else:
+                prompts.append(_Prompt(None, list(item)))
+        return prompts
+
+    def _prompt_text(self, prompt: _Prompt) -> str:
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.ids)
+
+    def _completion_logprobs(
+        self, results: list[SampleResult], offset: int
+    ) -> tuple[CompletionLogprobs, int]:
+        """Legacy logprobs of ``results``; ``offset`` is where their text starts in the output."""
+        lp = CompletionLogprobs()
+        for r in results:
+            text = self.token_text(r.token_id)
+            lp.tokens.append(text)
+            lp.token_logprobs.append(r.logprob)
+            top = {self.token_text(t): v for t, v in r.top_logprobs} if r.top_logprobs else None
+            lp.top_logprobs.append(top)
+            lp.text_offset.append(offset)
+            offset += len(text)
+        return lp, offset
+
+    async def _stream_completion(
+        self,
+        request_id: str,
+        body: CompletionRequest,
+        prompts: list[_Prompt],
+        params: SamplingParams,
+        timer: _Timer,
+    ) -> AsyncGenerator[str, None]:
+        model, n, created = self.config.served_model_name, params.n, int(time.time())
+        sent = _Sent(len(prompts) * n)
+        offsets = [0] * (len(prompts) * n)
+        last: dict[int, RequestOutput] = {}
+
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+            return _sse(
+                CompletionResponse(
+                    id=request_id, created=created, model=model, choices=choices, usage=usage
+                )
+            )
+
+        try:
+            if body.echo:
+                echoes = [
+                    CompletionChoice(index=i * n + j, text=self._prompt_text(p))
+                    for i, p in enumerate(prompts)
+                    for j in range(n)
+                ]
+                yield chunk(echoes)
+            async with contextlib.aclosing(
+                self._streams(request_id, prompts, params, timer)
+            ) as outs:
+                async for i, out in outs:
+                    last[i] = out
+                    choices = []
+                    for c in out.outputs:
+                        index = i * n + c.index
+                        new = sent.take(index, c)
+                        if new is None:
+                            continue
+                        text, results = new
+                        logprobs = None
+                        if results is not None:
+                            logprobs, offsets[index] = self._completion_logprobs(
+                                results, offsets[index]
+                            )
+                        choices.append(
+                            CompletionChoice(
+                                index=index,
+                                text=text,
+                                logprobs=logprobs,
+                                finish_reason=c.finish_reason,
+                            )
+                        )
+                    if choices:
+                        yield chunk(choices)
+            if body.include_usage:
+                yield chunk([], _usage([last[i] for i in sorted(last)]))
+            yield "data: [DONE]\n\n"
+        except Exception as exc:
+            error = _api_error(exc)
+            timer.failed(error)
+            yield _sse_error(error)
+        finally:
+            timer.done()
+
+    # ---- /v1/chat/completions -----------------------------------------------------------------
+
+    async def chat_completions(
+        self, body: ChatCompletionRequest, request: Request
+    ) -> ChatCompletionResponse | StreamingResponse:
+        """``POST /v1/chat/completions``."""
+        timer = _Timer(self.metrics)
+        self.check_model(body.model)
+        self.check_healthy()
+        params = self.sampling_params(body)
+        ids = await self._in_thread(self._apply_chat_template, body.chat_messages())
+        prompt = _Prompt(None, ids)
+        self.check_prompt(ids, params, "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _SSEResponse(self._stream_chat(request_id, body, prompt, params, timer))
+        (out,) = await self._final(request, request_id, [prompt], params, timer)
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=c.text),
+                logprobs=self._chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in out.outputs
+        ]
+        return ChatCompletionResponse(
+            id=request_id, model=self.config.served_model_name, choices=choices, usage=_usage([out])
+        )
+
+    def _chat_logprobs(self, results: list[SampleResult]) -> ChatLogprobs:
+        content = []
+        for r in results:
+            text = self.token_text(r.token_id)
+            top = [self._top_logprob(i, v) for i, v in r.top_logprobs or []]
+            content.append(
+                ChatTokenLogprob(
+                    token=text,
+                    logprob=r.logprob if r.logprob is not None else 0.0,
+                    bytes=list(text.encode()),
+                    top_logprobs=top,
+                )
+            )
+        return ChatLogprobs(content=content)
+
+    def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.token_text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    async def _stream_chat(
+        self,
+        request_id: str,
+        body: ChatCompletionRequest,
+        prompt: _Prompt,
+        params: SamplingParams,
+        timer: _Timer,
+    ) -> AsyncGenerator[str, None]:
+        model, n, created = self.config.served_model_name, params.n, int(time.time())
+        sent = _Sent(n)
+        last: RequestOutput | None = None
+
+        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+            return _sse(
+                ChatCompletionChunk(
+                    id=request_id, created=created, model=model, choices=choices, usage=usage
+                )
+            )
+
+        try:
+            roles = [
+                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(n)
+            ]
+            yield chunk(roles)
+            async with contextlib.aclosing(
+                self._streams(request_id, [prompt], params, timer)
+            ) as outs:
+                async for _, out in outs:
+                    last = out
+                    choices = []
+                    for c in out.outputs:
+                        new = sent.take(c.index, c)
+                        if new is None:
+                            continue
+                        text, results = new
+                        choices.append(
+                            ChatChunkChoice(
+                                index=c.index,
+                                delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                                logprobs=self._chat_logprobs(results) if results else None,
+                                finish_reason=c.finish_reason,
+                            )
+                        )
+                    if choices:
+                        yield chunk(choices)
+            if body.include_usage and last is not None:
+                yield chunk([], _usage([last]))
+            yield "data: [DONE]\n\n"
+        except Exception as exc:
+            error = _api_error(exc)
+            timer.failed(error)
+            yield _sse_error(error)
+        finally:
+            timer.done()
+
+    # ---- the rest -----------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        """``GET /v1/models``."""
+        card = ModelCard(
+            id=self.config.served_model_name,
+            root=str(self.engine.engine.model_path),
+            max_model_len=self.max_model_len,
+        )
+        return ModelList(data=[card])
+
+    def health(self) -> JSONResponse:
+        """``GET /health``: 200 while every worker is alive, 503 otherwise."""
+        executor = self.engine.engine.executor
+        body: dict[str, Any] = {
+            "status": "ok" if self.engine.is_healthy else "unhealthy",
+            "model": self.config.served_model_name,
+            "worker_pids": [p.pid for p in executor.procs],
+            "requests_in_flight": self.engine.num_in_flight,
+        }
+        if not self.engine.is_healthy:
+            body["error"] = self.engine.error or "a worker process died"
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    """The FastAPI application serving ``engine``.
+
+    Args:
+        engine: the running engine; the app shuts it down (and its workers) when it stops.
+        config: HTTP-layer settings.
+    """
+    serving = OpenAIServing(engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        serving.close()
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="mgpu", version=__version__, lifespan=lifespan)
+    app.state.serving = serving
+    install_error_handlers(app)
+    app.add_middleware(_GuardMiddleware, config=config)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return serving.health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            serving.metrics.render(engine.is_healthy),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return serving.models()
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(
+        body: CompletionRequest, request: Request
+    ) -> CompletionResponse | StreamingResponse:
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> ChatCompletionResponse | StreamingResponse:
+        return await serving.chat_completions(body, request)
+
+    return app
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+class _GuardMiddleware:
+    """Checks the API key on ``/v1/*`` and caps the body size, before any parsing.
+
+    The body is read here, whole, so a client cannot make the server buffer more than
+    ``max_request_bytes``; the application then receives it as usual.
+    """
+
+    def __init__(self, app: ASGIApp, config: ServerConfig):
+        self.app = app
+        self.limit = config.max_request_bytes
+        self.expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = APIError(
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        too_large = APIError(
+            413,
+            f"the request body is larger than the server's limit of {self.limit} bytes",
+            code="request_too_large",
+        )
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            await too_large.response({"Connection": "close"})(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await too_large.response({"Connection": "close"})(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events whose generator is always closed, so an abort is never left pending."""
+
+    def __init__(self, events: AsyncGenerator[str, None]):
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+
+
+async def _merge(
+    gens: list[AsyncGenerator[RequestOutput, None]], timer: _Timer
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """Interleave the outputs of several requests as they come; closing it aborts them all."""
+    if len(gens) == 1:
+        async with contextlib.aclosing(gens[0]) as gen:
+            async for out in gen:
+                timer.saw(out)
+                yield 0, out
+        return
+    merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncGenerator[RequestOutput, None]) -> None:
+        try:
+            async with contextlib.aclosing(gen):
+                async for out in gen:
+                    merged.put_nowait((i, out))
+        except Exception as exc:
+            merged.put_nowait((i, exc))
+        else:
+            merged.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await merged.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                timer.saw(item)
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (499)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise APIError(499, "the client closed the connection")
+    return task.result()
+
+
+def _api_error(exc: Exception) -> APIError:
+    """The OpenAI-shaped error for an exception raised while generating."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, f"the engine stopped: {exc}", code="engine_unavailable")
+    if isinstance(exc, SamplingParamsError):
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, PromptError):
+        return APIError(400, str(exc), param="prompt")
+    logger.error("request failed", exc_info=exc)
+    return APIError(500, "internal server error; the server log has the details")
+
+
+def _sse(payload: CompletionResponse | ChatCompletionChunk) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=False)}\n\n"
+
+
+def _sse_error(error: APIError) -> str:
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def _usage(outputs: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )

@@ -1,0 +1,248 @@
+"""Drives a synchronous :class:`~mgpu.engine.llm_engine.LLMEngine` from one background thread.
+
+::
+
+    event loop (HTTP handlers)              engine thread
+    ──────────────────────────              ─────────────
+    generate() ── add ──► command queue ──► add_request / abort_request
+                                            step() ──► RequestOutput
+    per-request queue ◄── call_soon_threadsafe ──┘
+
+Every engine call happens on the engine thread, in the order it was submitted, so an abort can
+never overtake the add it cancels and the HTTP event loop never waits for a step. The thread sleeps
+while there is no work. When a step raises (a worker died), every in-flight request fails with
+:class:`EngineDeadError` at once and the engine stays down: a server in that state answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass
+
+from mgpu.engine.llm_engine import LLMEngine, RequestOutput
+from mgpu.errors import MgpuError, WorkerError
+from mgpu.sampling import SamplingParams
+
+logger = logging.getLogger("mgpu.server")
+
+Item = RequestOutput | BaseException
+Deliver = Callable[[Item], None]
+
+#: How often an idle engine thread checks that its workers are still alive (seconds).
+HEALTH_CHECK_INTERVAL = 1.0
+
+
+class EngineDeadError(MgpuError):
+    """The engine has stopped (a worker died, or the server is shutting down)."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Runs ``engine.step()`` on a background thread and hands each output to its request.
+
+    Args:
+        engine: the engine; from now on only this object's thread calls it.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.error: str | None = None
+        self._cond = threading.Condition()
+        self._commands: deque[_Add | _Abort] = deque()
+        self._listeners: dict[str, Deliver] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mgpu-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_healthy(self) -> bool:
+        """Whether the engine runs and every worker is alive."""
+        return self.error is None and self.engine.is_healthy
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not yet finished, failed or aborted."""
+        return len(self._listeners)
+
+    # ---- the event-loop side --------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Submit a request and yield its outputs until it finishes.
+
+        Outputs that arrive faster than the caller reads them are merged: each output carries the
+        full text and tokens so far, so only the newest matters. Leaving the loop early (a client
+        that disconnected, a cancelled task) aborts the request and frees its KV blocks.
+
+        Args:
+            request_id: unique among the requests in flight.
+            prompt_token_ids: the prompt, already checked with ``engine.check_prompt``.
+            params: sampling parameters.
+        """
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Item] = asyncio.Queue()
+
+        def deliver(item: Item) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        self._start(request_id, prompt_token_ids, params, deliver)
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                while not outputs.empty() and not isinstance(item, BaseException):
+                    item = outputs.get_nowait()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._stop(request_id, finished)
+
+    def generate_blocking(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Iterator[RequestOutput]:
+        """Like :meth:`generate`, for a caller without an event loop (the terminal chat).
+
+        Args:
+            request_id: unique among the requests in flight.
+            prompt_token_ids: the prompt, already checked with ``engine.check_prompt``.
+            params: sampling parameters.
+        """
+        outputs: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        self._start(request_id, prompt_token_ids, params, outputs.put)
+        finished = False
+        try:
+            while not finished:
+                item = outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._stop(request_id, finished)
+
+    def _start(
+        self, request_id: str, ids: list[int], params: SamplingParams, deliver: Deliver
+    ) -> None:
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        if request_id in self._listeners:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        self._listeners[request_id] = deliver
+        if self.error is not None:  # the engine died while this request was being registered
+            self._listeners.pop(request_id, None)
+            raise EngineDeadError(self.error)
+        self._submit(_Add(request_id, list(ids), params))
+
+    def _stop(self, request_id: str, finished: bool) -> None:
+        self._listeners.pop(request_id, None)
+        if not finished:
+            self._submit(_Abort(request_id))
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def shutdown(self) -> None:
+        """Stop the thread (after its current step), fail what is in flight, stop the workers.
+
+        Safe to call more than once.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        if self.error is None:
+            self.error = "the server is shutting down"
+        self._fail_all(self.error)
+        self.engine.shutdown()
+
+    # ---- the engine thread ----------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._stopping or self._commands or self.engine.has_unfinished_requests())
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                ready = self._cond.wait_for(self._has_work, HEALTH_CHECK_INTERVAL)
+                stopping = self._stopping
+                commands = list(self._commands)
+                self._commands.clear()
+            if stopping:
+                return
+            if not ready:
+                if not engine.is_healthy:
+                    self._die("a worker process died while the engine was idle")
+                    return
+                continue
+            for command in commands:
+                self._apply(command)
+            if not engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = engine.step()
+            except WorkerError as exc:
+                self._die(str(exc))
+                return
+            except Exception as exc:
+                logger.exception("engine step failed")
+                self._die(f"the engine failed: {exc}")
+                return
+            for out in outputs:
+                self._send(out.request_id, out)
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
+            return
+        if command.request_id not in self._listeners:
+            return  # cancelled before it reached the engine
+        try:
+            self.engine.add_request(
+                command.request_id, None, command.params, prompt_token_ids=command.prompt_token_ids
+            )
+        except Exception as exc:
+            self._send(command.request_id, exc)
+
+    def _send(self, request_id: str, item: Item) -> None:
+        deliver = self._listeners.get(request_id)
+        if deliver is None:
+            return
+        try:
+            deliver(item)
+        except RuntimeError:  # the request's event loop has closed (the server is exiting)
+            self._listeners.pop(request_id, None)
+
+    def _die(self, message: str) -> None:
+        self.error = message
+        logger.error("%s; failing every request in flight", message)
+        self._fail_all(message)
+        self.engine.shutdown()
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self._listeners):
+            self._send(request_id, EngineDeadError(message))
+            self._listeners.pop(request_id, None)
