@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, Protocol, TextIO
 
 from mgpu.errors import MgpuError
@@ -162,15 +162,9 @@ class LocalChat:
         from mgpu.sampling import SamplingParams
 
         engine = self.engine.engine
-        try:
-            ids = engine.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
-            )
-        except Exception as exc:
-            raise ChatError(f"cannot apply the chat template: {exc}") from None
-        ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
         params = SamplingParams(**self.options)
         try:
+            ids = engine.chat_prompt_ids(messages)
             engine.check_prompt(ids, params.max_tokens)
         except PromptError as exc:
             raise ChatError(f"{exc}; /clear starts a new conversation") from None

@@ -88,3 +88,21 @@ def test_logprobs(llm: LLM) -> None:
         assert result.token_id == token and result.top_logprobs[0][0] == token
         assert result.logprob <= 0
     assert out.cumulative_logprob == pytest.approx(sum(r.logprob for r in out.logprobs))
+
+
+def test_chat_uses_the_template(llm: LLM) -> None:
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    ids = llm.engine.chat_prompt_ids(messages)
+    expected = llm.get_tokenizer()(
+        "<|im_start|>user\nThe quick brown fox<|im_end|>\n<|im_start|>assistant\n"
+    ).input_ids
+    assert ids == expected
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert out.prompt_token_ids == ids and len(out.outputs[0].token_ids) == 5
+
+
+def test_prompt_tokens_counted_once_despite_preemption(llm: LLM) -> None:
+    stats = llm.engine.stats
+    before = stats.prompt_tokens_total
+    llm.generate(prompts(8), GREEDY, use_tqdm=False)
+    assert stats.prompt_tokens_total - before == 8 * 16

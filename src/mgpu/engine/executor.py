@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import weakref
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -78,6 +79,7 @@ class Executor:
                 store_port=self._store.port,
                 cpu_ids=shares[rank],
                 parent_pid=os.getpid(),
+                spawned_by_main_thread=threading.current_thread() is threading.main_thread(),
             )
             proc = ctx.Process(
                 target=worker_main, args=(init, child), name=f"mgpu-rank{rank}", daemon=True

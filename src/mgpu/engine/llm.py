@@ -104,9 +104,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> RequestOutput:
         """Answer one conversation using the tokenizer's chat template."""
-        tok = self.get_tokenizer()
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = self.engine.chat_prompt_ids(messages)
         return self.generate([{"prompt_token_ids": ids}], sampling_params, use_tqdm)[0]
 
     def prompt_logits(self, prompt: str | list[int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    recomputed_tokens_total: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -259,6 +261,17 @@ class LLMEngine:
         """Token ids of a text prompt (with the tokenizer's BOS where it adds one)."""
         return list(self.tokenizer(prompt).input_ids)
 
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template, ready to answer."""
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
+        except Exception as exc:  # jinja errors, a tokenizer without a template
+            raise PromptError(f"cannot apply the model's chat template: {exc}") from None
+        # transformers 5 returns a BatchEncoding (a Mapping), older versions a list.
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
     def check_prompt(self, prompt_token_ids: list[int], max_tokens: int | None) -> int:
         """Validate a prompt; returns the effective ``max_tokens`` (capped by the context)."""
         n, limit = len(prompt_token_ids), self.scheduler_config.max_model_len
@@ -315,6 +328,7 @@ class LLMEngine:
                 if not seq.is_finished:
                     seq.finish("abort")
                     self._release(seq)
+            self._update_stats()
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -352,9 +366,13 @@ class LLMEngine:
             for item in plan.scheduled:
                 seq = item.seq
                 samples = item.samples
+                start = seq.num_computed_tokens
                 seq.num_computed_tokens += item.num_tokens
-                if seq.num_computed_tokens <= len(seq.prompt_token_ids):
-                    self.stats.prompt_tokens_total += item.num_tokens
+                prompt_part = min(item.num_tokens, max(0, len(seq.prompt_token_ids) - start))
+                if seq.num_preemptions == 0:
+                    self.stats.prompt_tokens_total += prompt_part
+                else:
+                    self.stats.recomputed_tokens_total += item.num_tokens
                 if not samples:
                     continue
                 result = next(results)
@@ -378,6 +396,7 @@ class LLMEngine:
         self.stats.generation_tokens_total += 1
         if seq.params.logprobs is not None:
             seq.logprobs.append(result)
+            seq.cumulative_logprob += result.logprob or 0.0
         params = seq.params
         finished = False
         if not params.ignore_eos and token in self.eos_token_ids:
@@ -417,8 +436,9 @@ class LLMEngine:
             text = seq.output_text
             if not seq.is_finished and req.stop_holdback:
                 text = text[: len(text) - _pending_stop_prefix(text, seq.params.stop)]
-            logprobs = seq.logprobs if seq.params.logprobs is not None else None
-            cumulative = sum(r.logprob or 0.0 for r in seq.logprobs) if logprobs else None
+            # A copy: the output goes to another thread while the sequence keeps growing.
+            logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
+            cumulative = seq.cumulative_logprob if logprobs else None
             outputs.append(
                 CompletionOutput(
                     seq.index,

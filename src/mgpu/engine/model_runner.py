@@ -162,11 +162,10 @@ class ModelRunner:
         self.allocate_kv_cache(0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """(Re)allocate every layer's cache: (num_blocks, block_size, kv_heads, head_dim) each."""
+        """(Re)allocate every layer's cache: (num_blocks, block_size, 2, kv_heads, head_dim)."""
         for attn in self.attn_layers:
-            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            shape = (num_blocks, self.block_size, 2, attn.num_kv_heads, attn.head_dim)
+            attn.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ---- steps --------------------------------------------------------------------------------
 
@@ -260,7 +259,7 @@ class ModelRunner:
         engine runs it only while no request is in flight, so it may use any blocks of the cache.
         """
         needed = blocks_for_tokens(len(token_ids), self.block_size)
-        total = self.attn_layers[0].k_cache.shape[0]
+        total = self.attn_layers[0].kv_cache.shape[0]
         if needed > total:
             raise ValueError(f"prompt of {len(token_ids)} tokens exceeds the KV cache")
         chunk = SeqChunk(-1, token_ids, 0, list(range(needed)), sample=False)

@@ -16,7 +16,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field: schedulers test membership every step
 class Sequence:
     """One completion (a request with ``n`` > 1 has ``n`` sequences).
 
@@ -38,6 +38,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[SampleResult] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    num_preemptions: int = 0
     output_text: str = ""
     # Incremental detokenisation offsets into ``all_token_ids`` (see engine.detokenizer).
     prefix_offset: int = 0

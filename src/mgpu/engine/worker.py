@@ -39,11 +39,16 @@ class WorkerInit:
     store_port: int
     cpu_ids: list[int] | None
     parent_pid: int
+    spawned_by_main_thread: bool
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Make sure this worker never outlives the engine process, however the engine ends."""
-    if sys.platform.startswith("linux"):
+def _die_with_parent(parent_pid: int, spawned_by_main_thread: bool) -> None:
+    """Make sure this worker never outlives the engine process, however the engine ends.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that spawned the worker exits, so it is armed only
+    for workers spawned by the main thread; the parent-pid watch covers the others within a second.
+    """
+    if sys.platform.startswith("linux") and spawned_by_main_thread:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
@@ -59,7 +64,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def worker_main(init: WorkerInit, conn: Connection) -> None:
     """Entry point of a spawned worker process."""
-    _die_with_parent(init.parent_pid)
+    _die_with_parent(init.parent_pid, init.spawned_by_main_thread)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle
     try:
         _serve(init, conn)

@@ -1,13 +1,14 @@
 """Attention over a paged KV cache, in plain PyTorch (the same code on CPU and CUDA).
 
-The cache of one layer on one rank is two tensors of shape (num_blocks, block_size, kv_heads,
-head_dim).
-A sequence owns a list of blocks (its block table); token at position p lives in slot
-``block_table[p // block_size] * block_size + p % block_size``.
+The cache of one layer on one rank is one tensor of shape (num_blocks, block_size, 2, kv_heads, d):
+keys and values of a token side by side, so a step writes them with one ``index_copy_`` and a decode
+reads them with one ``index_select``. A sequence owns a list of blocks (its block table); the token
+at position p lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
 
 Each step's tokens are flattened across sequences: (tokens, heads, head_dim). Sequences feeding one
-token (decode) are batched into one SDPA call over their gathered caches; sequences feeding several
-(prefill, or a chunk of one) are handled one by one with a causal mask offset by what is cached.
+token (decode) are batched into one pair of matmuls over their gathered caches; sequences feeding
+several (prefill, or a chunk of one) are handled one by one with a causal mask offset by what is
+already cached.
 """
 
 from __future__ import annotations
@@ -65,17 +66,13 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.kv_cache = torch.empty(0, 1, 2, num_kv_heads, head_dim)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """q (tokens, heads, d), k/v (tokens, kv_heads, d) -> (tokens, heads * d)."""
-        flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q (tokens, heads, d), kv (tokens, 2, kv_heads, d) -> (tokens, heads * d)."""
+        self.kv_cache.view(-1, 2, self.num_kv_heads, self.head_dim).index_copy_(
+            0, meta.slot_mapping, kv
+        )
         if meta.all_decode:
             return self._decode(q, meta).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
@@ -83,22 +80,8 @@ class PagedAttention(nn.Module):
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], meta)
         for span in meta.prefills:
             sl = slice(span.token_start, span.token_start + span.num_tokens)
-            out[sl] = self._prefill(q[sl], k[sl], v[sl], span)
+            out[sl] = self._prefill(q[sl], kv[sl], span)
         return out.reshape(q.shape[0], -1)
-
-    def _sdpa(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        # q (B, heads, n, d); k, v (B, kv_heads, L, d); grouped heads share their KV head.
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (B, heads, d) -> (B, heads, d), one new token per sequence.
@@ -110,36 +93,36 @@ class PagedAttention(nn.Module):
         tables = meta.decode_block_tables  # (B, max_blocks)
         batch, kv_heads, d = tables.shape[0], self.num_kv_heads, self.head_dim
         group = self.num_heads // kv_heads
-        flat = tables.reshape(-1)
-        k = self.k_cache.index_select(0, flat).view(batch, -1, kv_heads, d)  # (B, L, kv, d)
-        v = self.v_cache.index_select(0, flat).view(batch, -1, kv_heads, d)
+        kv = self.kv_cache.index_select(0, tables.reshape(-1))  # (B * max_blocks, bs, 2, kv, d)
+        kv = kv.view(batch, -1, 2, kv_heads, d)  # (B, L, 2, kv, d)
+        k = kv[:, :, 0].permute(0, 2, 3, 1)  # (B, kv, d, L)
+        v = kv[:, :, 1].transpose(1, 2)  # (B, kv, L, d)
         qg = q.view(batch, kv_heads, group, d)  # query heads grouped by the KV head they share
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * self.scale  # (B, kv, g, L)
+        scores = torch.matmul(qg, k).float() * self.scale  # (B, kv, g, L)
         scores.masked_fill_(~meta.decode_mask, float("-inf"))  # mask (B, 1, 1, L)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # (B, kv, g, d)
-        return out.reshape(batch, self.num_heads, d)
+        return torch.matmul(probs, v).reshape(batch, self.num_heads, d)  # (B, heads, d)
 
-    def _prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan
-    ) -> torch.Tensor:
-        """q (n, heads, d) of one sequence -> (n, heads, d)."""
+    def _prefill(self, q: torch.Tensor, kv: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+        """One sequence: q (n, heads, d) and its chunk's kv (n, 2, kv_heads, d) -> (n, heads, d)."""
         n = span.num_tokens
-        qh = q.transpose(0, 1).unsqueeze(0)  # (1, heads, n, d)
         window = self.sliding_window
-        if span.start_pos == 0 and (window is None or n <= window):
-            # Nothing cached before this chunk: attend to the fresh keys with a plain causal mask.
-            kh, vh, mask = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), None
-        else:
+        mask = None
+        if span.start_pos > 0 or (window is not None and n > window):
+            # Part of the sequence is cached already (or the window cuts in): attend to the cache.
             ctx = span.start_pos + n
-            slots = self.k_cache[span.block_table].view(-1, self.num_kv_heads, self.head_dim)
-            kh = slots[:ctx].transpose(0, 1).unsqueeze(0)  # (1, kv_heads, ctx, d)
-            vh = (
-                self.v_cache[span.block_table]
-                .view(-1, self.num_kv_heads, self.head_dim)[:ctx]
-                .transpose(0, 1)
-                .unsqueeze(0)
-            )
+            cached = self.kv_cache.index_select(0, span.block_table)
+            kv = cached.view(-1, 2, self.num_kv_heads, self.head_dim)[:ctx]
             positions = torch.arange(span.start_pos, ctx, device=q.device)
             mask = visible_keys(positions, ctx, window)
-        return self._sdpa(qh, kh, vh, mask).squeeze(0).transpose(0, 1)
+        # q (1, heads, n, d); k, v (1, kv_heads, keys, d); grouped heads share their KV head.
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            kv[:, 0].transpose(0, 1).unsqueeze(0),
+            kv[:, 1].transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)

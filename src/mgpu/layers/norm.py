@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mgpu.layers.linear import load_replicated
@@ -24,6 +25,7 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
         residual = x
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # One fused kernel on the float32 upcast (a no-op view for float32 activations), then the
+        # cast back before the weight, exactly where transformers' LlamaRMSNorm casts.
+        h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * h.to(x.dtype), residual

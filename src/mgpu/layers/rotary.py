@@ -62,15 +62,9 @@ class RotaryEmbedding(nn.Module):
         )
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (tokens, heads, d) and k (tokens, kv_heads, d) by RotaryEmbedding's (cos, sin)."""
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x (tokens, heads, d) by RotaryEmbedding's (cos, sin), each (tokens, 1, d)."""
     cos, sin = rope
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -52,13 +52,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T, h) -> (T, h)."""
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)  # (T, heads, d)
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, kv_heads, d)
-        q, k = apply_rotary(q, k, rope)
-        out = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), meta)  # (T, heads * d)
-        return self.o_proj(out)
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj(x)  # (T, (heads + 2 kv_heads) d) laid out as [q | k | v]
+        # Rotate q and k together, written back into qkv so that k and v stay side by side for
+        # the cache: fewer, larger kernels than rotating q and k apart.
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, d)
+        qk.copy_(apply_rotary(qk, rope))
+        q = qkv[:, : self.q_size].view(t, self.num_heads, d)  # (T, heads, d)
+        kv = qkv[:, self.q_size :].view(t, 2, self.num_kv_heads, d)  # (T, 2, kv_heads, d)
+        return self.o_proj(self.attn(q, kv, meta))  # attn: (T, heads * d)
 
 
 class LlamaMLP(nn.Module):

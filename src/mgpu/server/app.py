@@ -15,7 +15,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -227,15 +227,9 @@ class OpenAIServing:
 
     def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
-            )
-        except Exception as exc:  # jinja errors, a tokenizer without a template
-            raise APIError(
-                400, f"cannot apply the model's chat template: {exc}", param="messages"
-            ) from None
-        # transformers 5 returns a BatchEncoding (a Mapping), older versions a list.
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+            return self.engine.engine.chat_prompt_ids(messages)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param="messages") from None
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, as logprobs report it."""

@@ -143,8 +143,14 @@ class Metrics:
         metric(
             "mgpu_prompt_tokens_total",
             "counter",
-            "Prompt tokens prefilled (recomputation after pre-emption included).",
+            "Prompt tokens prefilled, each counted once.",
             stats.prompt_tokens_total,
+        )
+        metric(
+            "mgpu_recomputed_tokens_total",
+            "counter",
+            "Tokens prefilled again to resume pre-empted sequences.",
+            stats.recomputed_tokens_total,
         )
         metric(
             "mgpu_generation_tokens_total",
