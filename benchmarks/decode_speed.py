@@ -17,23 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from tqdm import tqdm
 
+from common import machine_line, markers, write_section
 from mgpu import LLM, SamplingParams
 from mgpu.config import ModelConfig
 from mgpu.memory import weight_bytes_per_rank
 from mgpu.models.loader import demo_model_path
 
-ROOT = Path(__file__).resolve().parent.parent
 BIG_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -48,11 +46,6 @@ BIG_CONFIG = {
     "tie_word_embeddings": True,
     "eos_token_id": 0,
 }
-
-
-def markers(device: str) -> tuple[str, str]:
-    """The comment lines delimiting this benchmark's section of docs/benchmarks.md per device."""
-    return f"<!-- decode_speed_{device}:start -->", f"<!-- decode_speed_{device}:end -->"
 
 
 @dataclass
@@ -124,6 +117,7 @@ def time_mgpu(
         dtype=dtype,
         num_blocks=64,
         max_model_len=512,
+        cpu_reserved_cores=0,  # every core to the worker: the thread count transformers gets
     ) as llm:
         ids = [{"prompt_token_ids": prompt_ids()}]
 
@@ -172,21 +166,13 @@ def time_transformers(
 
 def render(results: list[Result], bandwidth: float, command: str, device: str) -> str:
     """The markdown section: machine, command, table."""
-    start, end = markers(device)
-    cpu = platform.processor() or platform.machine()
-    title = "CPU"
-    machine = (
-        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    )
-    if device == "cuda":
-        title = machine = torch.cuda.get_device_name()
+    start, end = markers("decode_speed", device)
+    title = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     lines = [
         start,
         f"## Single-stream decode ({title})",
         "",
-        f"Machine: {machine}, torch {torch.__version__}; "
-        f"measured read bandwidth {bandwidth:.1f} GB/s; "
-        f"run on {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {machine_line(device)}; measured read bandwidth {bandwidth:.1f} GB/s.",
         "",
         f"Command: `{command}`",
         "",
@@ -212,19 +198,6 @@ def render(results: list[Result], bandwidth: float, command: str, device: str) -
         end,
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str, device: str, doc: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace (or append) this benchmark's section of ``doc``."""
-    start, end = markers(device)
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if start in old:
-        head, rest = old.split(start, 1)
-        old = head + rest.split(end, 1)[1].lstrip("\n")
-        new = head.rstrip("\n") + "\n\n" + text + "\n" + old[len(head) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    doc.write_text(new)
 
 
 def main() -> None:
@@ -273,14 +246,14 @@ def main() -> None:
             + ", ".join(f"{m:.0f} MB" for m in r.rss_mb)
             for r in rss_rows
         )
-        end = markers(device)[1]
+        end = markers("decode_speed", device)[1]
         text = text.replace(end, extra + "\n" + end)
     print(text)
     print(json.dumps([r.__dict__ for r in results], indent=1))
     if args.output:
         args.output.write_text(text + "\n")
     if not args.no_write:
-        write_section(text, device)
+        write_section(text, "decode_speed", device)
 
 
 if __name__ == "__main__":

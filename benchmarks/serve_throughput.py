@@ -1,8 +1,9 @@
 """Serving throughput of ``mgpu serve`` at 1, 8 and 32 concurrent clients, beside transformers.
 
 Question: how much does continuous batching buy over one client at a time, and over the static
-batches of ``transformers`` ``generate()``? Each client streams greedy completions of a fixed length
-(EOS ignored) through ``/v1/completions``, ``--rounds`` requests one after the other; the aggregate
+batches of ``transformers`` ``generate()``? Each client streams greedy completions (EOS ignored) of
+mixed lengths, as real traffic has, or of one length (``--workloads``) through
+``/v1/completions``, ``--rounds`` requests one after the other; the aggregate
 rate is all output tokens over the wall time, and the time to first token (TTFT) is measured by the
 client from sending the request to its first streamed text. The peer runs the same prompts on the
 same weights with left padding, batch size = number of clients, its TTFT taken when ``generate()``
@@ -20,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -32,12 +32,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import torch
 
+from common import ROOT, machine_line, markers, write_section
 from mgpu.models.loader import demo_model_path
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "The Python interpreter",
     "A list is",
@@ -58,15 +57,15 @@ PROMPTS = [
 ]
 
 
-def markers(device: str) -> tuple[str, str]:
-    """The comment lines delimiting this benchmark's section of docs/benchmarks.md per device."""
-    return f"<!-- serve_throughput_{device}:start -->", f"<!-- serve_throughput_{device}:end -->"
+#: Completion lengths of the mixed workload, cycled over the requests (mean 65 tokens).
+MIXED_LENGTHS = [16, 128, 32, 96, 64, 24, 112, 48]
 
 
 @dataclass
 class Run:
-    """One engine at one concurrency."""
+    """One engine at one concurrency on one workload."""
 
+    workload: str
     engine: str
     clients: int
     requests: int
@@ -89,6 +88,14 @@ def prompts_for(clients: int, rounds: int) -> list[list[str]]:
     return [
         [PROMPTS[(r * clients + c) % len(PROMPTS)] for c in range(clients)] for r in range(rounds)
     ]
+
+
+def lengths_for(workload: str, clients: int, rounds: int, max_tokens: int) -> list[list[int]]:
+    """Completion lengths of each round: all ``max_tokens`` (uniform) or cycling MIXED_LENGTHS."""
+    if workload == "uniform":
+        return [[max_tokens] * clients for _ in range(rounds)]
+    n = len(MIXED_LENGTHS)
+    return [[MIXED_LENGTHS[(r * clients + c) % n] for c in range(clients)] for r in range(rounds)]
 
 
 # ---- mgpu serve ----------------------------------------------------------------------------------
@@ -137,21 +144,23 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
     return first, tokens
 
 
-async def run_mgpu(url: str, clients: int, rounds: int, max_tokens: int) -> Run:
+async def run_mgpu(url: str, clients: int, rounds: int, workload: str, max_tokens: int) -> Run:
     """``clients`` concurrent clients, each sending ``rounds`` requests one after the other."""
     plan = prompts_for(clients, rounds)
+    lengths = lengths_for(workload, clients, rounds, max_tokens)
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await one_request(client, PROMPTS[0], 4)  # warm-up
 
         async def user(c: int) -> list[tuple[float, int]]:
-            return [await one_request(client, plan[r][c], max_tokens) for r in range(rounds)]
+            return [await one_request(client, plan[r][c], lengths[r][c]) for r in range(rounds)]
 
         start = time.perf_counter()
         results = await asyncio.gather(*(user(c) for c in range(clients)))
         seconds = time.perf_counter() - start
     flat = [item for per_user in results for item in per_user]
     return Run(
+        workload,
         "mgpu serve",
         clients,
         len(flat),
@@ -182,9 +191,13 @@ class _FirstTokenClock:
 
 
 def run_transformers(
-    model_path: Path, device: str, clients: int, rounds: int, max_tokens: int
+    model_path: Path, device: str, clients: int, rounds: int, workload: str, max_tokens: int
 ) -> Run:
-    """The same prompts in static batches of ``clients``, left-padded."""
+    """The same prompts in static batches of ``clients``, left-padded.
+
+    A static batch runs until its longest completion is done; only the tokens each request asked
+    for count as output (the rest is the waste continuous batching avoids).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
@@ -212,12 +225,13 @@ def run_transformers(
     generate(PROMPTS[:clients], 4)  # warm-up
     ttft, tokens = [], 0
     start = time.perf_counter()
-    for prompts in prompts_for(clients, rounds):
-        first, n = generate(prompts, max_tokens)
+    lengths = lengths_for(workload, clients, rounds, max_tokens)
+    for prompts, wanted in zip(prompts_for(clients, rounds), lengths, strict=True):
+        first, _ = generate(prompts, max(wanted))
         ttft += [first] * len(prompts)
-        tokens += n
+        tokens += sum(wanted)
     seconds = time.perf_counter() - start
-    return Run("transformers", clients, clients * rounds, tokens, seconds, ttft)
+    return Run(workload, "transformers", clients, clients * rounds, tokens, seconds, ttft)
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -225,46 +239,42 @@ def run_transformers(
 
 def render(runs: list[Run], command: str, device: str) -> str:
     """The markdown section: machine, command, table, plot."""
-    start, end = markers(device)
-    cpu = platform.processor() or platform.machine()
-    machine = (
-        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads for transformers"
-    )
-    title = "CPU"
-    if device == "cuda":
-        title = torch.cuda.get_device_name()
-        machine = f"{title}, {machine}"
-    single = {r.engine: r.tokens_per_s for r in runs if r.clients == 1}
-    peer = {r.clients: r.tokens_per_s for r in runs if r.engine == "transformers"}
+    start, end = markers("serve_throughput", device)
+    title = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    machine = f"{machine_line(device)}, {torch.get_num_threads()} torch threads for transformers"
+    single = {(r.workload, r.engine): r.tokens_per_s for r in runs if r.clients == 1}
+    peer = {(r.workload, r.clients): r.tokens_per_s for r in runs if r.engine == "transformers"}
     lines = [
         start,
         f"## Serving throughput ({title}, demo model)",
         "",
-        f"Machine: {machine}; run on {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {machine}.",
         "",
         f"Command: `{command}`",
         "",
-        "| clients | engine | requests | output tokens/s | vs 1 client | vs transformers "
-        "| TTFT p50 (ms) | TTFT p99 (ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | clients | engine | requests | output tokens/s | vs 1 client "
+        "| vs transformers | TTFT p50 (ms) | TTFT p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
-            f"| {r.clients} | {r.engine} | {r.requests} | {r.tokens_per_s:.1f} | "
-            f"{r.tokens_per_s / single[r.engine]:.2f}x | {r.tokens_per_s / peer[r.clients]:.2f}x | "
+            f"| {r.workload} | {r.clients} | {r.engine} | {r.requests} | {r.tokens_per_s:.1f} | "
+            f"{r.tokens_per_s / single[(r.workload, r.engine)]:.2f}x | "
+            f"{r.tokens_per_s / peer[(r.workload, r.clients)]:.2f}x | "
             f"{r.ttft_ms(50):.0f} | {r.ttft_ms(99):.0f} |"
         )
     lines += [
         "",
-        "Each client streams greedy completions of a fixed length (EOS ignored) one after the "
-        "other; output tokens/s is the aggregate over all clients. transformers runs the same "
-        "prompts as static, left-padded batches of size = clients; its TTFT is the time its batch "
-        "takes to produce the first new tokens. Every request generates the same number of "
-        "tokens, the best case for static batching: no request waits on a longer one in its "
-        "batch. The server, its worker and the clients share the machine's cores (on CPU the "
-        "worker is pinned to all of them); on a machine shared with other jobs the numbers vary "
-        "by a quarter or so from run to run.",
+        "Each client streams greedy completions (EOS ignored) one after the other; output "
+        "tokens/s is the aggregate over all clients. In the *mixed* workload completions are "
+        f"{min(MIXED_LENGTHS)} to {max(MIXED_LENGTHS)} tokens long (cycling "
+        f"{', '.join(map(str, MIXED_LENGTHS))}), as real traffic is; in the *uniform* one every "
+        "request asks for the same length, the best case for static batching. transformers runs "
+        "the same prompts as static, left-padded batches of size = clients, each until its "
+        "longest completion is done; only the tokens a request asked for count. Its TTFT is the "
+        "time its batch takes to produce the first new tokens. The server, its worker and the "
+        "clients share the machine's cores; on a machine shared with other jobs the numbers "
+        "vary by a quarter or so from run to run.",
         "",
         f"![throughput and time to first token](img/{plot_name(device)})",
         end,
@@ -285,14 +295,16 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for engine in dict.fromkeys(r.engine for r in runs):
-        mine = [r for r in runs if r.engine == engine]
+    for engine, workload in dict.fromkeys((r.engine, r.workload) for r in runs):
+        mine = [r for r in runs if r.engine == engine and r.workload == workload]
         x = [r.clients for r in mine]
-        left.plot(x, [r.tokens_per_s for r in mine], marker="o", label=engine)
-        right.plot(x, [r.ttft_ms(50) for r in mine], marker="o", label=engine)
+        style = "-" if workload == "mixed" else "--"
+        label = f"{engine} ({workload})"
+        left.plot(x, [r.tokens_per_s for r in mine], style, marker="o", label=label)
+        right.plot(x, [r.ttft_ms(50) for r in mine], style, marker="o", label=label)
     for ax, label in ((left, "output tokens/s (all clients)"), (right, "TTFT p50 (ms)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks([r.clients for r in runs if r.engine == runs[0].engine])
+        ax.set_xticks(sorted({r.clients for r in runs}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(label)
@@ -304,19 +316,6 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_section(text: str, device: str, doc: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace (or append) this benchmark's section of ``doc``."""
-    start, end = markers(device)
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if start in old:
-        head, rest = old.split(start, 1)
-        tail = rest.split(end, 1)[1]
-        new = head + text + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    doc.write_text(new)
-
-
 def main() -> None:
     """Measure both engines at every concurrency, then write the table and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -324,27 +323,41 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
-    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens, uniform workload")
+    parser.add_argument(
+        "--workloads",
+        default="mixed,uniform",
+        help="mixed: completion lengths 16..128 (mean 65); uniform: all --max-tokens",
+    )
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--num-blocks", type=int, default=1024, help="KV-cache blocks of 16")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
+    workloads = args.workloads.split(",")
     proc, url = start_server(args)
     runs = []
     try:
-        for clients in levels:
-            run = asyncio.run(run_mgpu(url, clients, args.rounds, args.max_tokens))
-            print(f"mgpu serve   {clients:3d} clients: {run.tokens_per_s:8.1f} tok/s", flush=True)
-            runs.append(run)
+        for workload in workloads:
+            for clients in levels:
+                run = asyncio.run(run_mgpu(url, clients, args.rounds, workload, args.max_tokens))
+                print(
+                    f"{workload} mgpu serve {clients:3d}: {run.tokens_per_s:8.1f} tok/s", flush=True
+                )
+                runs.append(run)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    for clients in levels:
-        run = run_transformers(args.model, args.device, clients, args.rounds, args.max_tokens)
-        print(f"transformers {clients:3d} clients: {run.tokens_per_s:8.1f} tok/s", flush=True)
-        runs.append(run)
+    for workload in workloads:
+        for clients in levels:
+            run = run_transformers(
+                args.model, args.device, clients, args.rounds, workload, args.max_tokens
+            )
+            print(
+                f"{workload} transformers {clients:3d}: {run.tokens_per_s:8.1f} tok/s", flush=True
+            )
+            runs.append(run)
 
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
     command = f"{env} python benchmarks/serve_throughput.py {' '.join(sys.argv[1:])}"
@@ -353,7 +366,7 @@ def main() -> None:
     if not args.no_write:
         title = "CPU" if args.device == "cpu" else torch.cuda.get_device_name()
         plot(runs, ROOT / "docs" / "img" / plot_name(args.device), title)
-        write_section(text, args.device)
+        write_section(text, "serve_throughput", args.device)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--device-memory", type=float, default=None, help="CPU only: memory budget in GB"
     )
+    g.add_argument(
+        "--cpu-reserved-cores",
+        type=int,
+        default=None,
+        help="CPU only: cores kept free for the engine process (default: 1 if cores > ranks)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -71,6 +77,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "device_memory_gb": args.device_memory,
+        "cpu_reserved_cores": args.cpu_reserved_cores,
     }
 
 

@@ -125,6 +125,8 @@ class LLMEngine:
         device_memory_gb: on CPU, the memory budget of the whole engine (default: available RAM).
         block_size: tokens per KV block.
         num_blocks: fix the KV cache size in blocks instead of profiling (tests, reproducibility).
+        cpu_reserved_cores: on CPU, cores kept free for the engine process (default: one when
+            there are more cores than ranks; 0 gives the workers every core).
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class LLMEngine:
         device_memory_gb: float | None = None,
         block_size: int = 16,
         num_blocks: int | None = None,
+        cpu_reserved_cores: int | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -186,7 +189,12 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids()
         dtype_name = str(self.dtype).removeprefix("torch.")
         self.executor = Executor(
-            self.model_path, self.model_config, self.parallel_config, self.device, dtype_name
+            self.model_path,
+            self.model_config,
+            self.parallel_config,
+            self.device,
+            dtype_name,
+            cpu_reserved_cores,
         )
         try:
             self._init_cache()
