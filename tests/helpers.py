@@ -131,3 +131,19 @@ def make_model(
     model.to(dtype).save_pretrained(path)
     write_tokenizer(path)
     return path
+
+
+def hf_greedy(model: Any, ids: list[int], new_tokens: int = 32) -> list[int]:
+    """``new_tokens`` greedy tokens of a transformers model after ``ids`` (EOS not stopping it)."""
+    device = next(model.parameters()).device
+    prompt = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()

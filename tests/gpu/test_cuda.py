@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mgpu import LLM, SamplingParams
-from tests.helpers import make_model
+from tests.helpers import hf_greedy, make_model
 
 pytestmark = pytest.mark.gpu
 PROMPT = list(range(3, 40))
@@ -25,15 +25,7 @@ def _hf(path: Path, dtype: torch.dtype):
     ids = torch.tensor([PROMPT], device="cuda")
     with torch.no_grad():
         logits = hf(ids).logits[0].float().cpu()
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=32,
-            min_new_tokens=32,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return logits, out[0, len(PROMPT) :].tolist()
+    return logits, hf_greedy(hf, PROMPT)
 
 
 def test_fp32_matches_transformers_on_cuda(model_dir: Path) -> None:

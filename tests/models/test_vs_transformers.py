@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from mgpu import LLM, SamplingParams
 from mgpu.config import ModelConfig
 from mgpu.memory import rank_weights
-from tests.helpers import make_model
+from tests.helpers import hf_greedy, make_model
 
 CONFIGS = {
     "llama3": {"num_key_value_heads": 2},
@@ -33,17 +33,7 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = hf(torch.tensor([PROMPTS[0]])).logits[0]
-        greedy = []
-        for ids in PROMPTS:
-            out = hf.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=32,
-                min_new_tokens=32,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            greedy.append(out[0, len(ids) :].tolist())
+    greedy = [hf_greedy(hf, ids) for ids in PROMPTS]
     total_bytes = sum(p.numel() * 4 for p in hf.parameters())
     return path, logits, greedy, total_bytes
 
@@ -77,18 +67,9 @@ def qwen_four_layers(tmp_path_factory: pytest.TempPathFactory):
     """A 4-layer tied Qwen2-style model: a tied LM head on a stage without the embedding."""
     path = make_model(tmp_path_factory.mktemp("qwen4"), "qwen2", num_hidden_layers=4)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = PROMPTS[0]
     with torch.no_grad():
-        logits = hf(torch.tensor([ids])).logits[0]
-        out = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=32,
-            min_new_tokens=32,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return path, logits, out[0, len(ids) :].tolist()
+        logits = hf(torch.tensor([PROMPTS[0]])).logits[0]
+    return path, logits, hf_greedy(hf, PROMPTS[0])
 
 
 @pytest.mark.parametrize(
