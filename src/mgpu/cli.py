@@ -54,6 +54,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU only: cores kept free for the engine process (default: 1 if cores > ranks)",
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile decode steps with torch.compile: slower start, faster small-model decode",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -78,6 +83,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "device_memory_gb": args.device_memory,
         "cpu_reserved_cores": args.cpu_reserved_cores,
+        "compile_decode": args.compile,
     }
 
 

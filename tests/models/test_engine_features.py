@@ -106,3 +106,17 @@ def test_prompt_tokens_counted_once_despite_preemption(llm: LLM) -> None:
     before = stats.prompt_tokens_total
     llm.generate(prompts(8), GREEDY, use_tqdm=False)
     assert stats.prompt_tokens_total - before == 8 * 16
+
+
+def test_compiled_decode_matches_eager(llm: LLM, tiny_llama: Path) -> None:
+    eager = llm.generate(prompts(3), GREEDY, use_tqdm=False)
+    with LLM(
+        str(tiny_llama),
+        device="cpu",
+        dtype="float32",
+        num_blocks=12,
+        max_model_len=128,
+        compile_decode=True,
+    ) as compiled:
+        out = compiled.generate(prompts(3), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in eager]

@@ -17,6 +17,9 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the tensor-parallel group, in place."""
     if ps.get_tp_size() == 1:
         return x
+    shm = ps.get_tp_shm()
+    if shm is not None and shm.fits(x):
+        return shm.all_reduce(x)
     dist.all_reduce(x, group=ps.get_tp_group())
     return x
 
@@ -31,6 +34,9 @@ def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
     if tp == 1:
         return x
     x = x.contiguous()
+    shm = ps.get_tp_shm()
+    if shm is not None and shm.fits(x):
+        return shm.gather_last_dim(x)
     is_dst = ps.get_tp_rank() == 0
     parts = [torch.empty_like(x) for _ in range(tp)] if is_dst else None
     dist.gather(x, parts, dst=ps.tp_first_rank(), group=ps.get_tp_group())

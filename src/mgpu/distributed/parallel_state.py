@@ -24,7 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
+
+from mgpu.distributed.shm import ShmGroup
 
 
 @dataclass
@@ -37,6 +40,7 @@ class _State:
     pp_group: dist.ProcessGroup | None = None
     tp_ranks: tuple[int, ...] = (0,)
     pp_ranks: tuple[int, ...] = (0,)
+    tp_shm: ShmGroup | None = None
 
 
 _STATE = _State()
@@ -57,11 +61,22 @@ def init_distributed(
     tp_size: int,
     store: dist.Store,
     timeout_s: float = 300.0,
+    tp_shm_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Join the global group through ``store`` and create the TP and PP groups.
 
     Every rank must call this with the same arguments except ``rank``; ``new_group`` is collective,
     so all ranks create all groups in the same order.
+
+    Args:
+        backend: ``gloo`` or ``nccl``.
+        rank: this process's global rank.
+        world_size: number of ranks.
+        tp_size: tensor-parallel size.
+        store: the rendezvous store the engine hosts.
+        timeout_s: how long a collective may wait for a peer.
+        tp_shm_buffers: shared-memory buffers of this rank's TP group (CPU ranks on one host):
+            TP all-reduces and gathers then go through :mod:`mgpu.distributed.shm`.
     """
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
@@ -76,6 +91,8 @@ def init_distributed(
         group = dist.new_group(ranks)
         if rank in ranks:
             state.pp_group, state.pp_ranks, state.pp_rank = group, tuple(ranks), ranks.index(rank)
+    if tp_shm_buffers is not None and tp_size > 1:
+        state.tp_shm = ShmGroup(state.tp_rank, *tp_shm_buffers)
     global _STATE
     _STATE = state
 
@@ -96,6 +113,11 @@ def get_tp_size() -> int:
 def get_tp_rank() -> int:
     """This rank's index inside its tensor-parallel group."""
     return _STATE.tp_rank
+
+
+def get_tp_shm() -> ShmGroup | None:
+    """The shared-memory twin of the TP group, when its ranks share a CPU host."""
+    return _STATE.tp_shm
 
 
 def get_tp_group() -> dist.ProcessGroup | None:

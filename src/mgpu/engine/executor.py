@@ -18,9 +18,12 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+import torch.multiprocessing
 
 from mgpu.config import ModelConfig, ParallelConfig
+from mgpu.distributed.shm import make_buffers, shm_collectives_supported
 from mgpu.engine.worker import WorkerInit, worker_main
 from mgpu.errors import MgpuError, WorkerError
 
@@ -57,6 +60,9 @@ class Executor:
         device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, one GPU per rank).
         dtype_name: dtype of weights and activations.
         cpu_reserved_cores: on CPU, cores kept free for this process (see :func:`cpu_shares`).
+        compile_decode: compile the workers' decode steps with ``torch.compile``.
+        tp_collective_bytes: on CPU, the largest TP collective that goes through shared memory
+            (:mod:`mgpu.distributed.shm`); 0 keeps every collective on gloo.
     """
 
     def __init__(
@@ -67,6 +73,8 @@ class Executor:
         device_type: str,
         dtype_name: str,
         cpu_reserved_cores: int | None = None,
+        compile_decode: bool = False,
+        tp_collective_bytes: int = 0,
     ):
         self.parallel_config = parallel_config
         world = parallel_config.world_size
@@ -76,6 +84,11 @@ class Executor:
         self._store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
         ctx = mp.get_context("spawn")
         shares = cpu_shares(world, cpu_reserved_cores) if device_type == "cpu" else [None] * world
+        # One set of shared buffers per TP group (the ranks of one pipeline stage), created here so
+        # the workers inherit them at spawn; the engine process keeps them alive.
+        self._tp_buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * (world // tp)
+        if device_type == "cpu" and tp > 1 and tp_collective_bytes and shm_collectives_supported():
+            self._tp_buffers = [make_buffers(tp, tp_collective_bytes) for _ in range(world // tp)]
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
@@ -93,6 +106,8 @@ class Executor:
                 cpu_ids=shares[rank],
                 parent_pid=os.getpid(),
                 spawned_by_main_thread=threading.current_thread() is threading.main_thread(),
+                compile_decode=compile_decode,
+                tp_shm_buffers=self._tp_buffers[rank // tp],
             )
             proc = ctx.Process(
                 target=worker_main, args=(init, child), name=f"mgpu-rank{rank}", daemon=True

@@ -35,6 +35,7 @@ from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
+from mgpu.memory import padded_vocab_size
 from mgpu.models.loader import demo_model_path, resolve_model_path, safetensors_files
 from mgpu.models.registry import model_class
 from mgpu.sampling import SampleResult, SamplingParams
@@ -127,6 +128,8 @@ class LLMEngine:
         num_blocks: fix the KV cache size in blocks instead of profiling (tests, reproducibility).
         cpu_reserved_cores: on CPU, cores kept free for the engine process (default: one when
             there are more cores than ranks; 0 gives the workers every core).
+        compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
+            (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class LLMEngine:
         block_size: int = 16,
         num_blocks: int | None = None,
         cpu_reserved_cores: int | None = None,
+        compile_decode: bool = False,
     ):
         from transformers import AutoTokenizer
 
@@ -195,6 +199,8 @@ class LLMEngine:
             self.device,
             dtype_name,
             cpu_reserved_cores,
+            compile_decode,
+            self._tp_collective_bytes(),
         )
         try:
             self._init_cache()
@@ -209,6 +215,16 @@ class LLMEngine:
         self.stats = EngineStats()
 
     # ---- set-up -------------------------------------------------------------------------------
+
+    def _tp_collective_bytes(self) -> int:
+        """Bytes of the largest TP collective of a step: a (tokens, hidden) all-reduce or the
+        (sequences, vocab / tp) logits gather, capped at 64 MiB per rank (gloo takes larger)."""
+        elem = torch.finfo(self.dtype).bits // 8
+        tp = self.parallel_config.tensor_parallel_size
+        sched, model = self.scheduler_config, self.model_config
+        activations = sched.max_num_batched_tokens * model.hidden_size * elem
+        logits = sched.max_num_seqs * padded_vocab_size(model.vocab_size, tp) // tp * elem
+        return min(max(activations, logits), 64 * 2**20)
 
     def _check_gpus(self) -> None:
         if not torch.cuda.is_available():

@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from mgpu.config import ModelConfig, ParallelConfig
 
@@ -40,6 +41,8 @@ class WorkerInit:
     cpu_ids: list[int] | None
     parent_pid: int
     spawned_by_main_thread: bool
+    compile_decode: bool = False
+    tp_shm_buffers: tuple[Any, Any] | None = None
 
 
 def _die_with_parent(parent_pid: int, spawned_by_main_thread: bool) -> None:
@@ -110,7 +113,14 @@ def _serve(init: WorkerInit, conn: Connection) -> None:
         backend = "gloo"
     world = init.parallel_config.world_size
     store = dist.TCPStore(init.store_host, init.store_port, world, is_master=False)
-    init_distributed(backend, init.rank, world, init.parallel_config.tensor_parallel_size, store)
+    init_distributed(
+        backend,
+        init.rank,
+        world,
+        init.parallel_config.tensor_parallel_size,
+        store,
+        tp_shm_buffers=init.tp_shm_buffers,
+    )
     runner = ModelRunner(
         init.model_path,
         init.model_config,
@@ -118,6 +128,7 @@ def _serve(init: WorkerInit, conn: Connection) -> None:
         device,
         parse_dtype(init.dtype_name),
         init.rank,
+        init.compile_decode,
     )
     conn.send(("ok", runner.report()))
     try:
