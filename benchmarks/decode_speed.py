@@ -107,7 +107,7 @@ def prompt_ids(n: int = 16) -> list[int]:
 
 
 def time_mgpu(
-    path: Path, dtype: str, tp: int, new_tokens: int, device: str
+    path: Path, dtype: str, tp: int, new_tokens: int, device: str, compile_decode: bool = False
 ) -> tuple[float, list[float]]:
     """Decode tokens/s of mgpu: (time for 1 + new_tokens tokens) - (time for 1 token)."""
     with LLM(
@@ -118,6 +118,7 @@ def time_mgpu(
         num_blocks=64,
         max_model_len=512,
         cpu_reserved_cores=0,  # every core to the worker: the thread count transformers gets
+        compile_decode=compile_decode,
     ) as llm:
         ids = [{"prompt_token_ids": prompt_ids()}]
 
@@ -190,13 +191,17 @@ def render(results: list[Result], bandwidth: float, command: str, device: str) -
             f"| {r.model} | {r.engine} | {r.dtype} | {r.tp} | {r.tokens_per_s:.1f} | "
             f"{ratio:.2f}x | {gbs:.1f} | {r.tokens_per_s / limit:.0%} | {rss} |"
         )
-    lines += [
-        "",
+    note = (
         "Effective GB/s = weight bytes read per token x tokens/s; decode limit = measured read "
-        "bandwidth / weight bytes per token. TP=2 on CPU splits the same cores over two worker "
-        "processes, so it shows the cost of the all-reduces rather than a speed-up.",
-        end,
-    ]
+        "bandwidth / weight bytes per token. `--compile` rows run decode steps through "
+        "torch.compile."
+    )
+    if device == "cpu":
+        note += (
+            " TP=2 on CPU splits the same cores over two worker processes, so it shows the cost "
+            "of the all-reduces (shared memory between CPU ranks) rather than a speed-up."
+        )
+    lines += ["", note, end]
     return "\n".join(lines)
 
 
@@ -210,6 +215,7 @@ def main() -> None:
     parser.add_argument("--models", default="demo,llama-140m")
     parser.add_argument("--demo-dtype", default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--compile", action="store_true", help="add TP=1 rows with --compile")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--output", type=Path, help="also write the section to this file")
     args = parser.parse_args()
@@ -223,7 +229,9 @@ def main() -> None:
         cases += [("llama-140m", big, d) for d in args.big_dtypes.split(",")]
         cases = [c for c in cases if c[0] in args.models.split(",")]
         results: list[Result] = []
-        jobs = [(c, tp) for c in cases for tp in [0, *tps]]
+        # tp 0 is transformers; tp -1 is mgpu at TP=1 with --compile
+        extra = [-1] if args.compile else []
+        jobs = [(c, tp) for c in cases for tp in [0, *tps, *extra]]
         for (name, path, dtype), tp in tqdm(jobs, desc="benchmark", unit="run"):
             torch_dtype = getattr(torch, dtype)
             wbytes = weight_bytes_read(path, torch_dtype)
@@ -231,8 +239,12 @@ def main() -> None:
                 speed = time_transformers(path, torch_dtype, threads, args.new_tokens, device)
                 results.append(Result(name, "transformers", dtype, 1, speed, wbytes, []))
             else:
-                speed, rss = time_mgpu(path, dtype, tp, args.new_tokens, device)
-                results.append(Result(name, "mgpu", dtype, tp, speed, wbytes, rss))
+                compiled = tp == -1
+                speed, rss = time_mgpu(
+                    path, dtype, max(tp, 1), args.new_tokens, device, compile_decode=compiled
+                )
+                engine = "mgpu --compile" if compiled else "mgpu"
+                results.append(Result(name, engine, dtype, max(tp, 1), speed, wbytes, rss))
         for tp in [int(t) for t in args.rss_tp.split(",") if t]:
             _, rss = time_mgpu(cases[0][1], "float32", tp, 4, device)
             results.append(Result("demo", "mgpu (RSS only)", "float32", tp, 0.0, 1, rss))

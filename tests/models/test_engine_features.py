@@ -103,9 +103,14 @@ def test_chat_uses_the_template(llm: LLM) -> None:
 
 def test_prompt_tokens_counted_once_despite_preemption(llm: LLM) -> None:
     stats = llm.engine.stats
-    before = stats.prompt_tokens_total
+    before = (stats.prompt_tokens_total, stats.recomputed_tokens_total, stats.num_preemptions)
     llm.generate(prompts(8), GREEDY, use_tqdm=False)
-    assert stats.prompt_tokens_total - before == 8 * 16
+    assert stats.prompt_tokens_total - before[0] == 8 * 16
+    preemptions = stats.num_preemptions - before[2]
+    recomputed = stats.recomputed_tokens_total - before[1]
+    assert preemptions > 0
+    # Each resume recomputes the prompt and the tokens generated so far, but never the newest one.
+    assert preemptions * 16 <= recomputed <= preemptions * (16 + 24 - 1)
 
 
 def test_compiled_decode_matches_eager(llm: LLM, tiny_llama: Path) -> None:

@@ -390,13 +390,8 @@ class LLMEngine:
             for item in plan.scheduled:
                 seq = item.seq
                 samples = item.samples
-                start = seq.num_computed_tokens
+                self._count_prefill(seq, seq.num_computed_tokens, item.num_tokens)
                 seq.num_computed_tokens += item.num_tokens
-                prompt_part = min(item.num_tokens, max(0, len(seq.prompt_token_ids) - start))
-                if seq.num_preemptions == 0:
-                    self.stats.prompt_tokens_total += prompt_part
-                else:
-                    self.stats.recomputed_tokens_total += item.num_tokens
                 if not samples:
                     continue
                 result = next(results)
@@ -413,6 +408,18 @@ class LLMEngine:
                     self._requests.pop(out.request_id, None)
             self._update_stats()
             return outputs
+
+    def _count_prefill(self, seq: Sequence, start: int, n: int) -> None:
+        """Count the fed positions [start, start + n) as prompt work, or as recomputation when
+        the sequence was pre-empted before: its prompt and all but its newest generated token
+        had their keys and values computed once already."""
+        end, prompt = start + n, len(seq.prompt_token_ids)
+        prompt_part = max(0, min(end, prompt) - start)
+        if seq.num_preemptions == 0:
+            self.stats.prompt_tokens_total += prompt_part
+            return
+        outputs_part = max(0, min(end, seq.num_tokens - 1) - max(start, prompt))
+        self.stats.recomputed_tokens_total += prompt_part + outputs_part
 
     def _append(self, seq: Sequence, result: SampleResult) -> None:
         token = result.token_id
