@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mgpu.config import ModelConfig
+from mgpu.config import ModelConfig, read_config_json
 from mgpu.errors import ConfigError
 from mgpu.memory import rank_weights
 from mgpu.planner.quant import find_quantization_tag
@@ -220,19 +220,13 @@ def model_from_hf_dir(path: Path) -> ModelSpec:
     Args:
         path: the directory.
     """
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{config_path} is not valid JSON: {exc}") from None
+    raw = read_config_json(path)
     # Multimodal checkpoints keep the language model's numbers under text_config.
     text_raw = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
     return ModelSpec(
         name=path.name,
         config=ModelConfig.from_dict(text_raw),
-        source=str(config_path),
+        source=str(path / "config.json"),
         path=str(path),
         implied_quantization=_hf_quantization(raw),
     )
