@@ -322,7 +322,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=demo_model_path())
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="requests per client (more: less start-up and tail)"
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens, uniform workload")
     parser.add_argument(
         "--workloads",
