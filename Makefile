@@ -28,7 +28,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks scripts
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/decode_speed.py
+	$(BIN)/python benchmarks/decode_speed.py --compile
+	$(BIN)/python benchmarks/serve_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,10 +9,11 @@ client from sending the request to its first streamed text. The peer runs the sa
 same weights with left padding, batch size = number of clients, its TTFT taken when ``generate()``
 hands its streamer the first new tokens.
 
-Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/serve_throughput.py`` (writes the
-serve_throughput_cpu section of docs/benchmarks.md and docs/img/serve_throughput.png). On a machine
-whose cores other jobs also use, OpenMP threads that spin while they wait slow small matrix products
-down by up to 20x at random; the passive wait policy, for both engines, keeps the numbers stable.
+Run: ``python benchmarks/serve_throughput.py`` (writes the serve_throughput_cpu section of
+docs/benchmarks.md and docs/img/serve_throughput.png; ``--device cuda`` for a GPU). On CPU the
+server keeps one core for itself (``--cpu-reserved-cores``); on a machine whose cores other jobs
+also use, ``OMP_WAIT_POLICY=PASSIVE`` for both engines keeps spinning OpenMP threads from stalling,
+and the command line recorded in the table says whether it was set.
 """
 
 from __future__ import annotations
