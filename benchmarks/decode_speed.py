@@ -106,49 +106,55 @@ def prompt_ids(n: int = 16) -> list[int]:
     return list(range(10, 10 + n))
 
 
-def time_mgpu(
-    path: Path, dtype: str, tp: int, new_tokens: int, device: str, compile_decode: bool = False
-) -> tuple[float, list[float]]:
-    """Decode tokens/s of mgpu: (time for 1 + new_tokens tokens) - (time for 1 token)."""
-    with LLM(
-        str(path),
-        tensor_parallel_size=tp,
-        device=device,
-        dtype=dtype,
-        num_blocks=64,
-        max_model_len=512,
-        cpu_reserved_cores=0,  # every core to the worker: the thread count transformers gets
-        compile_decode=compile_decode,
-    ) as llm:
-        ids = [{"prompt_token_ids": prompt_ids()}]
+class MgpuRunner:
+    """An mgpu engine kept alive for one case, timed by :func:`interleaved_rates`."""
 
-        def run(n: int) -> float:
-            params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-            t = time.perf_counter()
-            llm.generate(ids, params, use_tqdm=False)
-            return time.perf_counter() - t
+    def __init__(self, path: Path, dtype: str, tp: int, device: str, compile_decode: bool):
+        self.llm = LLM(
+            str(path),
+            tensor_parallel_size=tp,
+            device=device,
+            dtype=dtype,
+            num_blocks=64,
+            max_model_len=512,
+            cpu_reserved_cores=0,  # every core to the worker: the thread count transformers gets
+            compile_decode=compile_decode,
+        )
+        self.run(8)  # warm-up (and compilation)
 
-        run(8)  # warm-up
-        one = min(run(1) for _ in range(3))
-        full = min(run(1 + new_tokens) for _ in range(2))
-        rss = [r.resident_bytes / 2**20 for r in llm.engine.live_rank_reports()]
-    return new_tokens / (full - one), rss
+    def run(self, n: int) -> float:
+        """Seconds to generate ``n`` tokens after the prompt."""
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        t = time.perf_counter()
+        self.llm.generate([{"prompt_token_ids": prompt_ids()}], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    def rss_mb(self) -> list[float]:
+        """Resident memory of each rank now."""
+        return [r.resident_bytes / 2**20 for r in self.llm.engine.live_rank_reports()]
+
+    def close(self) -> None:
+        """Stop the workers."""
+        self.llm.shutdown()
 
 
-def time_transformers(
-    path: Path, dtype: torch.dtype, threads: int, new_tokens: int, device: str
-) -> float:
-    """Decode tokens/s of transformers ``generate()`` (greedy, KV cache) on the same weights."""
-    from transformers import AutoModelForCausalLM
+class TransformersRunner:
+    """transformers ``generate()`` (greedy, KV cache) on the same weights, in this process."""
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    ids = torch.tensor([prompt_ids()], device=device)
+    def __init__(self, path: Path, dtype: torch.dtype, threads: int, device: str):
+        from transformers import AutoModelForCausalLM
 
-    def run(n: int) -> float:
+        torch.set_num_threads(threads)
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.run(8)
+
+    def run(self, n: int) -> float:
+        """Seconds to generate ``n`` tokens after the prompt."""
+        ids = torch.tensor([prompt_ids()], device=self.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(
+            self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n,
@@ -156,13 +162,31 @@ def time_transformers(
                 do_sample=False,
                 pad_token_id=0,
             )
-        _sync(device)
+        _sync(self.device)
         return time.perf_counter() - t
 
-    run(8)
-    one = min(run(1) for _ in range(3))
-    full = min(run(1 + new_tokens) for _ in range(2))
-    return new_tokens / (full - one)
+    def rss_mb(self) -> list[float]:
+        """Not reported: transformers shares this process with the benchmark."""
+        return []
+
+    def close(self) -> None:
+        """Release the model."""
+        del self.model
+
+
+def interleaved_rates(
+    runners: list[MgpuRunner | TransformersRunner], new_tokens: int, rounds: int
+) -> list[float]:
+    """Decode tokens/s of each runner: (time for 1 + new_tokens) - (time for 1), best of
+    ``rounds``. The runners take turns within each round, so a machine that speeds up or slows
+    down over the minutes of a run (as shared VMs do) biases none of them."""
+    best_one = [float("inf")] * len(runners)
+    best_full = [float("inf")] * len(runners)
+    for _ in range(rounds):
+        for i, runner in enumerate(runners):
+            best_one[i] = min(best_one[i], runner.run(1))
+            best_full[i] = min(best_full[i], runner.run(1 + new_tokens))
+    return [new_tokens / (full - one) for one, full in zip(best_one, best_full, strict=True)]
 
 
 def render(results: list[Result], bandwidth: float, command: str, device: str) -> str:
@@ -216,6 +240,7 @@ def main() -> None:
     parser.add_argument("--demo-dtype", default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--compile", action="store_true", help="add TP=1 rows with --compile")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, engines taking turns")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--output", type=Path, help="also write the section to this file")
     args = parser.parse_args()
@@ -229,25 +254,29 @@ def main() -> None:
         cases += [("llama-140m", big, d) for d in args.big_dtypes.split(",")]
         cases = [c for c in cases if c[0] in args.models.split(",")]
         results: list[Result] = []
-        # tp 0 is transformers; tp -1 is mgpu at TP=1 with --compile
-        extra = [-1] if args.compile else []
-        jobs = [(c, tp) for c in cases for tp in [0, *tps, *extra]]
-        for (name, path, dtype), tp in tqdm(jobs, desc="benchmark", unit="run"):
+        for name, path, dtype in tqdm(cases, desc="benchmark", unit="case"):
             torch_dtype = getattr(torch, dtype)
             wbytes = weight_bytes_read(path, torch_dtype)
-            if tp == 0:
-                speed = time_transformers(path, torch_dtype, threads, args.new_tokens, device)
-                results.append(Result(name, "transformers", dtype, 1, speed, wbytes, []))
-            else:
-                compiled = tp == -1
-                speed, rss = time_mgpu(
-                    path, dtype, max(tp, 1), args.new_tokens, device, compile_decode=compiled
-                )
-                engine = "mgpu --compile" if compiled else "mgpu"
-                results.append(Result(name, engine, dtype, max(tp, 1), speed, wbytes, rss))
+            # (engine label, TP, runner): transformers, mgpu at each TP, mgpu --compile at TP=1
+            runners: list[tuple[str, int, MgpuRunner | TransformersRunner]] = [
+                ("transformers", 1, TransformersRunner(path, torch_dtype, threads, device))
+            ]
+            runners += [("mgpu", tp, MgpuRunner(path, dtype, tp, device, False)) for tp in tps]
+            if args.compile:
+                runners.append(("mgpu --compile", 1, MgpuRunner(path, dtype, 1, device, True)))
+            try:
+                rates = interleaved_rates([r for _, _, r in runners], args.new_tokens, args.rounds)
+                for (engine, tp, runner), rate in zip(runners, rates, strict=True):
+                    results.append(Result(name, engine, dtype, tp, rate, wbytes, runner.rss_mb()))
+            finally:
+                for _, _, runner in runners:
+                    runner.close()
         for tp in [int(t) for t in args.rss_tp.split(",") if t]:
-            _, rss = time_mgpu(cases[0][1], "float32", tp, 4, device)
-            results.append(Result("demo", "mgpu (RSS only)", "float32", tp, 0.0, 1, rss))
+            runner = MgpuRunner(cases[0][1], "float32", tp, device, False)
+            results.append(
+                Result("demo", "mgpu (RSS only)", "float32", tp, 0.0, 1, runner.rss_mb())
+            )
+            runner.close()
     measured = [r for r in results if r.tokens_per_s > 0]
     command = " ".join(["python benchmarks/decode_speed.py", *sys.argv[1:]])
     text = render(measured, bandwidth, command, device)
