@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 
@@ -140,18 +142,25 @@ def run_plan(args: argparse.Namespace, console: Console | None = None) -> int:
         interconnect=args.interconnect,
         kv_cache_dtype=args.kv_cache_dtype,
     )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2), file=console.file)
-    else:
-        from mgpu.planner.render import render_plan
+    from mgpu.planner.render import render_plan
 
-        render_plan(result, console)
+    _emit(result, args.json, console, render_plan)
     if args.plot:
         from mgpu.planner.plot import plot_memory
 
         path = plot_memory(result, args.plot)
         print(f"memory breakdown written to {path}", file=sys.stderr)
     return 0 if result.fits else EXIT_DOES_NOT_FIT
+
+
+def _emit(
+    result: Any, as_json: bool, console: Console, render: Callable[[Any, Console], None]
+) -> None:
+    """Print a planner result as the JSON contract (``to_dict``) or as rich tables."""
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2), file=console.file)
+    else:
+        render(result, console)
 
 
 def _recommend(args: argparse.Namespace, console: Console) -> int:
@@ -165,12 +174,9 @@ def _recommend(args: argparse.Namespace, console: Console) -> int:
         concurrency=args.concurrency,
         budget_usd=args.budget,
     )
-    if args.json:
-        print(json.dumps(rec.to_dict(), indent=2), file=console.file)
-    else:
-        from mgpu.planner.render import render_recommendation
+    from mgpu.planner.render import render_recommendation
 
-        render_recommendation(rec, console)
+    _emit(rec, args.json, console, render_recommendation)
     return 0
 
 
@@ -191,12 +197,9 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         lora_rank=args.lora_rank,
         interconnect=args.interconnect,
     )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2), file=console.file)
-    else:
-        from mgpu.planner.render import render_train
+    from mgpu.planner.render import render_train
 
-        render_train(result, console)
+    _emit(result, args.json, console, render_train)
     return 0 if result.fits else EXIT_DOES_NOT_FIT
 
 
