@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-from mgpu.config import ModelConfig, ParallelConfig
+from mgpu.config import CacheConfig, ModelConfig, ParallelConfig
 from mgpu.distributed.shm import make_buffers, shm_collectives_supported
 from mgpu.engine.worker import WorkerInit, worker_main
 from mgpu.errors import MgpuError, WorkerError
@@ -59,6 +59,7 @@ class Executor:
         parallel_config: the layout (one worker per rank).
         device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, one GPU per rank).
         dtype_name: dtype of weights and activations.
+        cache_config: KV-cache settings the workers size and lay out their caches by.
         cpu_reserved_cores: on CPU, cores kept free for this process (see :func:`cpu_shares`).
         compile_decode: compile the workers' decode steps with ``torch.compile``.
         tp_collective_bytes: on CPU, the largest TP collective that goes through shared memory
@@ -72,6 +73,7 @@ class Executor:
         parallel_config: ParallelConfig,
         device_type: str,
         dtype_name: str,
+        cache_config: CacheConfig,
         cpu_reserved_cores: int | None = None,
         compile_decode: bool = False,
         tp_collective_bytes: int = 0,
@@ -106,6 +108,7 @@ class Executor:
                 cpu_ids=shares[rank],
                 parent_pid=os.getpid(),
                 spawned_by_main_thread=threading.current_thread() is threading.main_thread(),
+                cache_config=cache_config,
                 compile_decode=compile_decode,
                 tp_shm_buffers=self._tp_buffers[rank // tp],
             )

@@ -198,6 +198,7 @@ class LLMEngine:
             self.parallel_config,
             self.device,
             dtype_name,
+            self.cache_config,
             cpu_reserved_cores,
             compile_decode,
             self._tp_collective_bytes(),
@@ -249,7 +250,6 @@ class LLMEngine:
     def _init_cache(self) -> None:
         per_rank = self.executor.call_all(
             "profile_num_blocks",
-            self.cache_config,
             self.scheduler_config,
             self.parallel_config.world_size,
         )

@@ -53,6 +53,7 @@ class ModelRunner:
         device: torch device of this rank.
         dtype: weights and activations dtype.
         rank: global rank.
+        cache_config: KV-cache settings (block size, memory budget).
         compile_decode: run decode-only steps through ``torch.compile`` (see ``_forward``).
     """
 
@@ -64,6 +65,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         rank: int,
+        cache_config: CacheConfig,
         compile_decode: bool = False,
     ):
         self.config, self.device, self.dtype, self.rank = model_config, device, dtype, rank
@@ -87,7 +89,8 @@ class ModelRunner:
         # prefill stay eager: their per-sequence loop would recompile for every batch shape.
         self._decode_model = torch.compile(self.model, dynamic=True) if compile_decode else None
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.block_size = 16
+        self.cache_config = cache_config
+        self.block_size = cache_config.block_size
         self.sampler = Sampler(model_config.vocab_size, device) if self.is_output_rank else None
 
     # ---- memory -------------------------------------------------------------------------------
@@ -120,7 +123,6 @@ class ModelRunner:
 
     def profile_num_blocks(
         self,
-        cache: CacheConfig,
         sched: SchedulerConfig,
         world_size: int,
     ) -> int:
@@ -131,7 +133,7 @@ class ModelRunner:
         can issue, so its activation peak is measured, not guessed. The count is capped at what the
         scheduler can ever use: ``max_num_seqs`` sequences at ``max_model_len``.
         """
-        self.block_size = cache.block_size
+        cache = self.cache_config
         cap = sched.max_num_seqs * blocks_for_tokens(sched.max_model_len, cache.block_size)
         if cache.num_blocks_override is not None:
             return cache.num_blocks_override

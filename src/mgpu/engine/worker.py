@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from mgpu.config import ModelConfig, ParallelConfig
+from mgpu.config import CacheConfig, ModelConfig, ParallelConfig
 
 
 @dataclass
@@ -41,6 +41,7 @@ class WorkerInit:
     cpu_ids: list[int] | None
     parent_pid: int
     spawned_by_main_thread: bool
+    cache_config: CacheConfig
     compile_decode: bool = False
     tp_shm_buffers: tuple[Any, Any] | None = None
 
@@ -128,6 +129,7 @@ def _serve(init: WorkerInit, conn: Connection) -> None:
         device,
         parse_dtype(init.dtype_name),
         init.rank,
+        init.cache_config,
         init.compile_decode,
     )
     conn.send(("ok", runner.report()))
