@@ -21,6 +21,7 @@ from mgpu.planner.commands import (
     CommandInputs,
     llama_cpp_command,
     mgpu_command,
+    mgpu_refusal,
     vllm_command,
 )
 from mgpu.planner.engines import (
@@ -45,7 +46,7 @@ from mgpu.planner.hardware import (
 from mgpu.planner.models import ModelSpec, load_model
 from mgpu.planner.placement import GIB, Layout, RankMemory, Workload, make_layout, rank_memory
 from mgpu.planner.power import PowerPlan, power_plan
-from mgpu.planner.quant import QuantFormat, kv_cache_bytes, parse_quantization
+from mgpu.planner.quant import QuantFormat, file_format, kv_cache_bytes, parse_quantization
 from mgpu.planner.speed import (
     SpeedConstants,
     has_bandwidth,
@@ -466,7 +467,7 @@ def plan(
     *,
     quantization: str | None = None,
     engine: str = "mgpu",
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
     concurrency: int = 1,
     parallelism: str = "auto",
     tensor_parallel_size: int | None = None,
@@ -483,7 +484,8 @@ def plan(
         quantization: weight precision; by default the one the model's name or files imply, else
             its checkpoint dtype.
         engine: whose speed to predict (``mgpu``, ``llama.cpp``, ``vllm``, ...).
-        context: tokens per sequence the KV cache must hold.
+        context: tokens per sequence the KV cache must hold, at most the model's own context;
+            by default :data:`DEFAULT_CONTEXT` or the model's context if that is shorter.
         concurrency: sequences served at once.
         parallelism: ``auto`` (the fastest layout that fits), ``single``, ``tp``, ``pp`` or
             ``layer-split``.
@@ -498,10 +500,20 @@ def plan(
     Raises:
         ConfigError: for unknown names and impossible requests, saying what to do.
     """
-    if context < 1 or concurrency < 1:
+    if (context is not None and context < 1) or concurrency < 1:
         raise ConfigError("--context and --concurrency must be positive")
     spec = load_model(model) if isinstance(model, str) else model
-    notes: list[str] = []
+    notes: list[str] = list(spec.notes)
+    limit = spec.config.max_position_embeddings
+    if context is None:
+        context = min(DEFAULT_CONTEXT, limit)
+        if context < DEFAULT_CONTEXT:
+            notes.append(f"Context {context} tokens: the model's own (shorter than the default).")
+    elif context > limit:
+        raise ConfigError(
+            f"--context {context} exceeds {spec.name}'s context of {limit} tokens "
+            "(max_position_embeddings); engines refuse a longer --max-model-len"
+        )
     if gpus is None:
         devices = detect_gpus()
         if not devices:
@@ -515,7 +527,10 @@ def plan(
     else:
         # Fresh objects: GPUs are told apart by identity, so one Device listed twice is two GPUs.
         devices = [Device(d.spec, d.memory_gib) for d in gpus]
-    fmt = parse_quantization(quantization or _default_precision(spec))
+    if quantization is None and spec.is_gguf_file and spec.file_bits_per_weight:
+        fmt = file_format(_default_precision(spec), spec.file_bits_per_weight)
+    else:
+        fmt = parse_quantization(quantization or _default_precision(spec))
     bits = fmt.bits_per_weight
     if spec.is_gguf_file and spec.file_bits_per_weight:
         if fmt.name == spec.implied_quantization or quantization is None:
@@ -613,6 +628,13 @@ def _assemble(
         "vllm": vllm_command(inputs),
         "llama.cpp": llama_cpp_command(inputs),
     }
+    refusal = mgpu_refusal(inputs)
+    if refusal is not None:
+        reasons = [
+            *reasons,
+            f"No mgpu serve command: {refusal}. The vLLM and llama.cpp "
+            "commands run the same layout.",
+        ]
     tp_efficiency = None
     if layout.tp > 1 and chosen.decode.expected and chosen.single_gpu_decode:
         tp_efficiency = chosen.decode.expected / chosen.single_gpu_decode / layout.tp
