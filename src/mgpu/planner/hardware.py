@@ -49,6 +49,10 @@ _MEMORY = re.compile(r"^(\d+)(?:gb|g|gib)$")
 _VARIANT = re.compile(r"^(sxm|pcie|oam)\d?$")
 
 
+#: Catalogue GPUs with HBM memory (the rest of gpu_specs.csv is GDDR).
+_HBM_PARTS = ("A100", "H100", "H200", "MI300")
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     """One GPU model from ``gpu_specs.csv`` (None where the file says n/f)."""
@@ -73,6 +77,24 @@ class GpuSpec:
         if "SXM" in self.name or "MI300X" in self.name:
             return "server-board"
         return "datacenter-pcie"
+
+    @property
+    def is_hbm(self) -> bool:
+        """Whether the card's memory is HBM (A100, H100, H200, MI300X) rather than GDDR.
+
+        HBM's wide, slower-clocked stacks need more requests in flight to reach their bandwidth
+        than GDDR does, so an engine's kernels can reach a different share of it; the speed model
+        calibrates the two kinds apart where the measurements allow.
+        """
+        return any(part in self.name for part in _HBM_PARTS)
+
+    @property
+    def hardware_class(self) -> str:
+        """The class accuracy is reported by: consumer, workstation, datacenter-gddr (L40S, A40)
+        or datacenter-hbm."""
+        if self.is_hbm:
+            return "datacenter-hbm"
+        return "datacenter-gddr" if self.form == "datacenter-pcie" else self.form
 
     @property
     def default_interconnect(self) -> str:

@@ -39,6 +39,8 @@ class StageCost:
     memory_s: float
     compute_s: float
     layers: int
+    is_hbm: bool = False
+    """The slowest rank's memory is HBM (its bandwidth efficiency may differ)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class StepCost:
         return sum(stage.memory_s for stage in self.stages)
 
     @property
+    def hbm_memory_s(self) -> float:
+        """The part of :attr:`memory_s` spent in stages whose slowest GPU has HBM."""
+        return sum(stage.memory_s for stage in self.stages if stage.is_hbm)
+
+    @property
     def layers(self) -> int:
         """Layers run one after another."""
         return sum(stage.layers for stage in self.stages)
@@ -68,6 +75,8 @@ class SpeedConstants:
 
     inverse_efficiency: float
     layer_overhead_s: float
+    hbm_inverse_efficiency: float
+    """``a`` for stages on HBM GPUs (equal to ``inverse_efficiency`` where not calibrated apart)."""
     allreduce_overhead_s: float
     stage_hop_s: float
     row_split_sync_s: float
@@ -179,6 +188,7 @@ def step_cost(
         kv_read = kv_bytes_per_token(model, end - start, kv_tp, kv_bytes_per_element)
         kv_read *= batch * position
         worst_memory = worst_compute = 0.0
+        worst_hbm = False
         for tp_rank, device in enumerate(layout.stage_devices(pp_rank)):
             if device.spec.bandwidth_gbs is None:
                 raise ValueError(f"{device.name} has no known memory bandwidth")
@@ -186,9 +196,11 @@ def step_cost(
             if not engine.row_split_tp or layout.tp == 1 or tp_rank == 0:
                 read += kv_read
             flops, _ = peak_tflops(device.spec)
-            worst_memory = max(worst_memory, read / (device.spec.bandwidth_gbs * 1e9))
+            memory = read / (device.spec.bandwidth_gbs * 1e9)
+            if memory >= worst_memory:
+                worst_memory, worst_hbm = memory, device.spec.is_hbm
             worst_compute = max(worst_compute, 2 * active * tokens / ((flops or 1.0) * 1e12))
-        stages.append(StageCost(worst_memory, worst_compute, end - start))
+        stages.append(StageCost(worst_memory, worst_compute, end - start, worst_hbm))
 
     activation = tokens * model.hidden_size * 2
     link_s = (layout.pp - 1) * link.transfer_seconds(activation)
@@ -202,9 +214,8 @@ def step_cost(
 
 
 def _stage_seconds(stage: StageCost, k: SpeedConstants) -> float:
-    return max(k.inverse_efficiency * stage.memory_s, stage.compute_s / k.mfu) + (
-        k.layer_overhead_s * stage.layers
-    )
+    a = k.hbm_inverse_efficiency if stage.is_hbm else k.inverse_efficiency
+    return max(a * stage.memory_s, stage.compute_s / k.mfu) + (k.layer_overhead_s * stage.layers)
 
 
 def step_seconds(cost: StepCost, k: SpeedConstants) -> float:
