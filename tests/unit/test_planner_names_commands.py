@@ -376,3 +376,43 @@ def test_ddp_prose_quotes_the_gradient_traffic_share() -> None:
     assert re.search(r"adapter gradients \(\d+ MiB\) cross pcie4, \d+\.\d% of each step", text)
     two = next(p for p in result.scaling if p.gpus == 2)
     assert two.speedup is not None and f"{two.speedup:.2f}x on 2" in text
+
+
+# --- expert parallelism --------------------------------------------------------------------------
+
+
+def test_busiest_rank_experts_is_the_exact_expectation() -> None:
+    from mgpu.planner.speed import busiest_rank_experts
+
+    mixtral = load_model("Mixtral-8x7B").config  # top-2 of 8
+    # Two ranks of four experts: both picks land on one rank with probability 3/7.
+    assert busiest_rank_experts(mixtral, 2, 1) == pytest.approx(3 / 7 * 2 + 4 / 7 * 1)
+    assert busiest_rank_experts(mixtral, 4, 1) == pytest.approx(1 + 1 / 7)
+    # A large batch touches every expert: each rank reads all it holds.
+    assert busiest_rank_experts(mixtral, 2, 512) == pytest.approx(4.0)
+
+
+def test_expert_parallel_layouts_are_planned_with_their_all_to_all_cost() -> None:
+    result = plan("Mixtral-8x7B", "4x4090", quantization="awq-int4")
+    ep = [a for a in result.alternatives if a["strategy"] == "expert_parallel"]
+    tp = {
+        a["tensor_parallel_size"]: a
+        for a in result.alternatives
+        if a["strategy"] == "tensor_parallel"
+    }
+    assert {a["tensor_parallel_size"] for a in ep} == {2, 4}
+    for layout in ep:
+        # Same bytes per GPU, but the busiest GPU reads more experts and tokens cross the link.
+        assert (
+            layout["decode_tokens_per_s"]
+            < tp[layout["tensor_parallel_size"]]["decode_tokens_per_s"]
+        )
+    assert any("Expert parallel on" in reason for reason in result.reasons)
+    forced = plan("Mixtral-8x7B", "2x4090", quantization="awq-int4", parallelism="ep")
+    assert forced.strategy == "expert_parallel"
+    assert "--enable-expert-parallel" in forced.commands["vllm"]
+    assert "# llama.cpp has no expert parallelism" in forced.commands["llama.cpp"]
+    assert any("two all-to-alls per layer cost" in reason for reason in forced.reasons)
+    _check_mgpu_command(forced, load_model("Mixtral-8x7B"))
+    with pytest.raises(ConfigError, match="not a mixture of experts"):
+        plan("Llama-3.1-8B", "2x4090", parallelism="ep")

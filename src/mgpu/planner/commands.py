@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass
 from functools import cache
 
-from mgpu.planner.engines import LAYER_SPLIT, PIPELINE, TENSOR, TENSOR_PIPELINE
+from mgpu.planner.engines import EXPERT, LAYER_SPLIT, PIPELINE, TENSOR, TENSOR_PIPELINE
 from mgpu.planner.models import ModelSpec
 from mgpu.planner.quant import QuantFormat
 
@@ -128,6 +128,8 @@ def mgpu_refusal(inputs: CommandInputs) -> str | None:
     if _is_quantized(inputs) and _serve_quantization(inputs) is None:
         what = "GGUF files" if inputs.model.is_gguf_file or fmt.family == "gguf" else fmt.name
         return f"the engine does not load {what} yet (mgpu serve --quantization does not offer it)"
+    if inputs.strategy == EXPERT and "--enable-expert-parallel" not in _serve_options():
+        return "the engine has no expert parallelism (mgpu serve has no --enable-expert-parallel)"
     kv = inputs.kv_cache_dtype
     if kv not in ("auto", "f16", "bf16") and not _accepted("--kv-cache-dtype", kv):
         return f"the engine has no {kv} KV cache (mgpu serve --kv-cache-dtype does not offer it)"
@@ -152,6 +154,8 @@ def mgpu_command(inputs: CommandInputs) -> str:
     ]
     if inputs.pp > 1 and len(set(inputs.layer_split)) > 1:
         parts.append(f"--layer-split {','.join(map(str, inputs.layer_split))}")
+    if inputs.strategy == EXPERT:
+        parts.append("--enable-expert-parallel")
     quantization = _serve_quantization(inputs)
     if quantization:
         parts.append(f"--quantization {quantization}")
@@ -190,6 +194,8 @@ def vllm_command(inputs: CommandInputs) -> str:
         f"--tensor-parallel-size {inputs.tp}",
         f"--pipeline-parallel-size {inputs.pp}",
     ]
+    if inputs.strategy == EXPERT:
+        parts.append("--enable-expert-parallel")
     if inputs.fmt.family == "gguf" or inputs.model.is_gguf_file:
         parts.append("--quantization gguf")
     elif inputs.fmt.vllm_name:
@@ -224,7 +230,9 @@ def llama_cpp_command(inputs: CommandInputs) -> str:
         f"-np {inputs.concurrency}",
     ]
     world = inputs.tp * inputs.pp
-    if inputs.strategy in (TENSOR, TENSOR_PIPELINE):
+    if inputs.strategy == EXPERT:
+        prefix += "# llama.cpp has no expert parallelism; its row split over the same GPUs:\n"
+    if inputs.strategy in (TENSOR, TENSOR_PIPELINE, EXPERT):
         parts += ["--split-mode row", f"--tensor-split {','.join(['1'] * world)}"]
     elif inputs.strategy in (PIPELINE, LAYER_SPLIT):
         parts += ["--split-mode layer", f"--tensor-split {','.join(map(str, inputs.layer_split))}"]

@@ -315,6 +315,21 @@ class Interconnect:
         moved = 2 * (num_gpus - 1) / num_gpus * num_bytes
         return latency + moved / (self.bandwidth_gbs * 1e9)
 
+    def alltoall_seconds(self, num_gpus: int, num_bytes: float) -> float:
+        """Time of one all-to-all in which every GPU sends ``num_bytes`` spread over all GPUs.
+
+        Each GPU keeps its own share and sends the other ``(n - 1) / n``; the links run in
+        parallel, so the time is one GPU's traffic at link bandwidth plus the collective's latency.
+
+        Args:
+            num_gpus: participants.
+            num_bytes: what one GPU dispatches (its tokens' copies for their experts).
+        """
+        if num_gpus <= 1:
+            return 0.0
+        latency = (self.latency_base_us + self.latency_per_gpu_us * (num_gpus - 1)) * 1e-6
+        return latency + (num_gpus - 1) / num_gpus * num_bytes / (self.bandwidth_gbs * 1e9)
+
     def transfer_seconds(self, num_bytes: float) -> float:
         """Time to send ``num_bytes`` from one GPU to the next (a pipeline hop).
 

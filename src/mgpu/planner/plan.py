@@ -27,6 +27,7 @@ from mgpu.planner.commands import (
 from mgpu.planner.engines import (
     CALIBRATION_PARENT,
     ENGINES,
+    EXPERT,
     LAYER_SPLIT,
     PIPELINE,
     SINGLE,
@@ -61,7 +62,7 @@ DEFAULT_CONTEXT = 4096
 MORE_GPUS_MIN_GAIN = 0.05
 #: Largest GPU count the "smallest configuration that would fit" search tries.
 MAX_SEARCH_GPUS = 64
-PARALLELISMS = ("auto", "single", "tp", "pp", "layer-split")
+PARALLELISMS = ("auto", "single", "tp", "pp", "layer-split", "ep")
 #: Precisions tried, highest first, when suggesting one that would fit.
 _FALLBACK_PRECISIONS = (
     "fp8",
@@ -363,6 +364,14 @@ def _layouts(
             options.append((TENSOR, count, 1))
         if count > 1 and parallelism in ("auto", "pp", "layer-split"):
             options.append((split, 1, count))
+        if (
+            count > 1
+            and parallelism in ("auto", "ep")
+            and count in valid_tp
+            and config.is_moe
+            and config.num_local_experts % count == 0
+        ):
+            options.append((EXPERT, count, 1))
         if count > 2 and parallelism == "auto" and TENSOR_PIPELINE in engine.strategies:
             for tp in range(2, count):
                 if count % tp == 0 and tp in valid_tp:
@@ -408,13 +417,22 @@ def _check_request(
         raise ConfigError(
             f"unknown --parallelism {parallelism!r}; use one of {', '.join(PARALLELISMS)}"
         )
-    wanted = {"tp": TENSOR, "pp": engine.split_strategy, "layer-split": engine.split_strategy}
+    wanted = {
+        "tp": TENSOR,
+        "pp": engine.split_strategy,
+        "layer-split": engine.split_strategy,
+        "ep": EXPERT,
+    }
     if parallelism in wanted and wanted[parallelism] not in engine.strategies:
         raise ConfigError(
             f"{engine.name} has no {parallelism} mode; it offers {', '.join(engine.strategies)}"
         )
     if parallelism in wanted and len(devices) < 2 and tp_size is None and pp_size is None:
         raise ConfigError(f"--parallelism {parallelism} needs at least two GPUs in --gpus")
+    if parallelism == "ep" and not config.is_moe:
+        raise ConfigError(
+            f"--parallelism ep places experts on GPUs; {ctx.model.name} is not a mixture of experts"
+        )
     if tp_size is not None or pp_size is not None:
         tp = 1 if tp_size is None else tp_size
         pp = 1 if pp_size is None else pp_size
@@ -774,8 +792,20 @@ def _reasons(
                 f"A shorter --context, fewer --concurrency{smaller_kv} shrinks the KV cache."
             )
         reasons.append("Speeds are those of the closest layout as if it had the memory.")
-    if chosen.fits and chosen.layout.tp > 1 and chosen.decode.expected:
+    if chosen.fits and chosen.layout.strategy == EXPERT and chosen.decode.expected:
+        reasons.append(_expert_note(ctx, chosen))
+    elif chosen.fits and chosen.layout.tp > 1 and chosen.decode.expected:
         reasons.append(_link_note(ctx, chosen))
+    experts = [c for c in candidates if c.layout.strategy == EXPERT and c.decode.expected]
+    if experts and chosen.layout.strategy != EXPERT:
+        best = max(experts, key=lambda c: _objective(c, ctx.workload.concurrency))
+        reasons.append(
+            f"Expert parallel on {best.world} GPUs would give "
+            f"{_objective(best, ctx.workload.concurrency):.1f} tok/s: each GPU holds "
+            f"{config.num_local_experts // best.world} whole experts, so a step waits for the GPU "
+            "whose experts the tokens picked most, and tokens travel to their experts and back "
+            "with two all-to-alls per layer."
+        )
     if chosen.layout.tp > 1 and ctx.engine.row_split_tp:
         reasons.append(
             f"{ctx.engine.name}'s tensor parallelism is its row split (--split-mode row)."
@@ -844,6 +874,25 @@ def _why_layout(ctx: _Context, candidates: list[Candidate], chosen: Candidate) -
     if ctx.engine.split_strategy == LAYER_SPLIT and chosen.layout.strategy == LAYER_SPLIT:
         text += f". {ctx.engine.name}'s layer split adds memory, not speed: the GPUs take turns"
     return text + "."
+
+
+def _expert_note(ctx: _Context, chosen: Candidate) -> str:
+    """What expert parallelism costs a decode step: its collectives and its busiest GPU."""
+    from mgpu.planner.speed import busiest_rank_experts
+
+    config, layout = ctx.model.config, chosen.layout
+    activation = config.hidden_size * 2
+    per_token = config.num_hidden_layers * (
+        ctx.link.allreduce_seconds(layout.tp, activation)
+        + 2 * ctx.link.alltoall_seconds(layout.tp, activation * config.num_experts_per_tok)
+    )
+    busiest = busiest_rank_experts(config, layout.tp, 1)
+    return (
+        f"Expert parallel over {ctx.link.name}: {config.num_local_experts // layout.tp} whole "
+        f"experts per GPU; one token's {config.num_experts_per_tok} experts put {busiest:.2f} on "
+        f"the busiest GPU on average; an all-reduce and two all-to-alls per layer cost "
+        f"{per_token * 1e3:.2f} ms per token."
+    )
 
 
 def _link_note(ctx: _Context, chosen: Candidate) -> str:
