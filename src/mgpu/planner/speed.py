@@ -3,16 +3,19 @@
 One decode step reads every weight a token touches and the KV cache written so far, so at batch 1
 its time is set by memory bandwidth (docs/planner.md gives the derivation)::
 
-    t = a[engine, format] x sum over stages of max over the stage's GPUs (bytes read / bandwidth)
+    t = (a[engine, format] + d[engine] on HBM GPUs)
+          x sum over stages of max over the stage's GPUs (bytes read / bandwidth)
         + c[engine] x layers                      kernel launches and small ops, per layer
         + s x 2 x layers   (tensor parallel)       engine-side cost of each all-reduce
+                           (expert parallel: 3 x layers, an all-reduce and two all-to-alls)
         + h x (stages - 1) (pipeline / split)      hand-over between stages
         + r x layers x (tp - 1) (llama.cpp row split)
-        + link time: all-reduce latency and bytes on the interconnect, hop transfers
+        + link time: collective latency and bytes on the interconnect, hop transfers
 
 ``a`` is the inverse of the bandwidth efficiency the engine reaches with that weight format
-(a >= 1); ``a, c, s, h, r`` are fitted to the published measurements by
-:mod:`mgpu.planner.calibration`; the link time is physics from data/interconnects.json.
+(a >= 1) and ``d`` what HBM adds to it; ``a, d, c, s, h, r`` are fitted to the published
+measurements by :mod:`mgpu.planner.calibration`; the link time is physics from
+data/interconnects.json.
 
 With many sequences a step can become compute-bound: each stage then takes
 max(a x memory time, FLOPs / (peak x MFU)). Prefill is the same formula for one chunk of prompt
