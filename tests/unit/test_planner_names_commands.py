@@ -221,7 +221,8 @@ def _check_mgpu_command(result: Plan, spec: ModelSpec) -> None:
     engine makes before it reads a weight; a comment line must say why there is no command."""
     command = result.commands["mgpu"]
     if command.startswith("#"):
-        assert command.startswith("# no mgpu serve command: the engine ")
+        why = "the plan does not fit" if not result.fits else "the engine "
+        assert command.startswith(f"# no mgpu serve command: {why}")
         assert any(r.startswith("No mgpu serve command: ") for r in result.reasons)
         return
     tokens = shlex.split(command)
@@ -270,6 +271,12 @@ def test_hf_directory_context_is_respected(tmp_path: Path) -> None:
         plan(str(tmp_path), "2x4090", context=4096)
 
 
+def test_a_plan_that_does_not_fit_gets_no_mgpu_command() -> None:
+    result = plan("Llama-3.3-70B", "1x4090", quantization="bf16")
+    assert not result.fits
+    assert result.commands["mgpu"].startswith("# no mgpu serve command: the plan does not fit")
+
+
 def test_unregistered_architecture_gets_no_mgpu_command(monkeypatch: pytest.MonkeyPatch) -> None:
     printed = plan("Llama-3.1-8B", "2x4090")
     assert printed.commands["mgpu"].startswith("mgpu serve ")
@@ -284,6 +291,9 @@ def test_unregistered_architecture_gets_no_mgpu_command(monkeypatch: pytest.Monk
 def test_catalogue_commands_follow_the_registry() -> None:
     for entry in catalogue():
         result = plan(entry.name, "8xH100-SXM", quantization="bf16")
+        if not result.fits:
+            assert result.commands["mgpu"].startswith("# no mgpu serve command: the plan does not")
+            continue
         try:
             registry.model_class(load_model(entry.name).config)
         except MgpuError:

@@ -41,6 +41,7 @@ class CommandInputs:
     concurrency: int
     kv_cache_dtype: str
     memory_fraction: float
+    fits: bool = True
 
 
 def gpu_memory_utilization(memory_fraction: float) -> float:
@@ -120,6 +121,8 @@ def mgpu_refusal(inputs: CommandInputs) -> str | None:
     from mgpu.errors import MgpuError
     from mgpu.models.registry import model_class
 
+    if not inputs.fits:
+        return "the plan does not fit these GPUs, and the engine would refuse its KV cache"
     try:
         model_class(inputs.model.config)
     except MgpuError as exc:

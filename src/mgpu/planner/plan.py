@@ -640,6 +640,7 @@ def _assemble(
         concurrency=ctx.workload.concurrency,
         kv_cache_dtype=kv_cache_dtype,
         memory_fraction=fraction,
+        fits=chosen.fits,
     )
     commands = {
         "mgpu": mgpu_command(inputs),
