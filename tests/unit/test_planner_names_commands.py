@@ -426,3 +426,22 @@ def test_expert_parallel_layouts_are_planned_with_their_all_to_all_cost() -> Non
     _check_mgpu_command(forced, load_model("Mixtral-8x7B"))
     with pytest.raises(ConfigError, match="not a mixture of experts"):
         plan("Llama-3.1-8B", "2x4090", parallelism="ep")
+
+
+def test_quantized_command_appears_once_the_engine_offers_the_format(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mgpu.planner import commands
+
+    refused = plan("llama3.3:70b", "2x4090")
+    assert "does not load GGUF files" in refused.commands["mgpu"]
+    offered = {**commands._serve_options(), "--quantization": ("gguf", "awq")}
+    monkeypatch.setattr(commands, "_serve_options", lambda: offered)
+    command = plan("llama3.3:70b", "2x4090").commands["mgpu"]
+    assert command.startswith("mgpu serve --model llama3.3:70b-instruct-q4_K_M ")
+    assert "--quantization gguf" in command and "--dtype" not in command
+    awq = plan("Llama-3.3-70B", "2x4090", quantization="awq-int4").commands["mgpu"]
+    assert "--quantization awq" in awq
+    assert (
+        "does not load fp8" in plan("Llama-3.1-8B", "1x4090", quantization="fp8").commands["mgpu"]
+    )

@@ -148,7 +148,12 @@ def mgpu_command(inputs: CommandInputs) -> str:
     refusal = mgpu_refusal(inputs)
     if refusal is not None:
         return f"# no mgpu serve command: {refusal}; use the vLLM or llama.cpp command"
-    model = _gguf_ref(inputs) if inputs.fmt.family == "gguf" else _model_ref(inputs)
+    if inputs.model.ollama_pull and inputs.fmt.name == inputs.model.implied_quantization:
+        model = inputs.model.ollama_pull  # the engine resolves it to the blob Ollama holds
+    elif inputs.fmt.family == "gguf":
+        model = _gguf_ref(inputs)
+    else:
+        model = _model_ref(inputs)
     parts = [
         "mgpu serve",
         f"--model {shlex.quote(model)}",
