@@ -66,7 +66,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parallelism",
         choices=PARALLELISMS,
-        help="auto picks the fastest layout that fits; or force single, tp, pp, layer-split.",
+        help="auto picks the fastest layout that fits; or force single, tp, pp, layer-split, "
+        "ep (expert parallel, mixtures of experts only).",
     )
     parser.add_argument("--tensor-parallel-size", type=int, help="Force this tensor-parallel size.")
     parser.add_argument(
@@ -83,7 +84,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV-cache element type (auto = 16-bit).",
     )
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
-    parser.add_argument("--plot", metavar="FILE.png", help="Draw the per-GPU memory breakdown.")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="Draw the per-GPU memory breakdown (plans and --train)."
+    )
     parser.add_argument(
         "--recommend",
         action="store_true",
