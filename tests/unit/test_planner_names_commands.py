@@ -445,3 +445,16 @@ def test_quantized_command_appears_once_the_engine_offers_the_format(
     assert (
         "does not load fp8" in plan("Llama-3.1-8B", "1x4090", quantization="fp8").commands["mgpu"]
     )
+
+
+def test_parallelism_that_contradicts_the_sizes_is_refused() -> None:
+    with pytest.raises(ConfigError, match="contradicts"):
+        plan("Llama-3.1-8B", "2x4090", parallelism="pp", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="contradicts"):
+        plan("Llama-3.1-8B", "2x4090", parallelism="single", pipeline_parallel_size=2)
+    forced = plan("Mixtral-8x7B", "2x4090", quantization="awq-int4", parallelism="ep",
+                  tensor_parallel_size=2)  # fmt: skip
+    assert forced.strategy == "expert_parallel"
+    assert plan("Llama-3.1-8B", "2x4090", parallelism="tp", tensor_parallel_size=2).strategy == (
+        "tensor_parallel"
+    )

@@ -342,7 +342,7 @@ def _layouts(
         if tp == 1 and pp == 1:
             strategy = SINGLE
         elif pp == 1:
-            strategy = TENSOR
+            strategy = EXPERT if parallelism == "ep" else TENSOR
         else:
             strategy = split if tp == 1 else TENSOR_PIPELINE
         return [
@@ -438,6 +438,19 @@ def _check_request(
         pp = 1 if pp_size is None else pp_size
         if tp < 1 or pp < 1:
             raise ConfigError("--tensor-parallel-size and --pipeline-parallel-size must be >= 1")
+        consistent = {
+            "auto": True,
+            "single": tp == pp == 1,
+            "tp": tp > 1 and pp == 1,
+            "pp": tp == 1 and pp > 1,
+            "layer-split": tp == 1 and pp > 1,
+            "ep": tp > 1 and pp == 1 and config.num_local_experts % tp == 0,
+        }
+        if not consistent[parallelism]:
+            raise ConfigError(
+                f"--parallelism {parallelism} contradicts --tensor-parallel-size {tp} "
+                f"--pipeline-parallel-size {pp}; give the sizes or a --parallelism that matches"
+            )
         if tp not in valid_tp_sizes(config):
             raise ConfigError(
                 f"tensor parallel size {tp} does not divide {ctx.model.name}'s "
