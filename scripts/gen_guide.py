@@ -130,7 +130,16 @@ def serve_commands() -> str:
     for name, command in result.commands.items():
         blocks.append(f"{name}:\n\n```bash\n{command}\n```")
     per_gpu = ", ".join(f"GPU {d.index}: {d.required_gb:.1f} GiB" for d in result.devices if d.used)
-    return "\n\n".join(blocks) + f"\n\nThe plan expects {per_gpu} in use once the server is up."
+    text = "\n\n".join(blocks) + f"\n\nThe plan expects {per_gpu} in use once the server is up."
+    if result.commands["mgpu"].startswith("#"):
+        text += (
+            " The mgpu line is a comment, not a command: the plan prints an `mgpu serve` command "
+            "only for what the engine accepts (its registered architectures and its "
+            "`--quantization` choices), so a Q4_K_M plan runs under vLLM or llama.cpp until the "
+            "engine loads GGUF files. A 16-bit plan, such as `mgpu plan --model Llama-3.1-8B "
+            "--gpus 2x4090`, prints one."
+        )
+    return text
 
 
 def stamp() -> str:
@@ -165,9 +174,11 @@ means "does not fit", so scripts can branch on it.
 
 ## 2. Two 24 GB cards
 
-The name can be written the way Ollama writes it; the tag implies the precision:
+The name can be written the way Ollama writes it. A tag without a quantization means what
+`ollama pull` would fetch, Ollama's default file for that model (recorded with its source in the
+catalogue), and the plan names the tag it resolves to:
 """,
-        run("--model llama3.3:70b-instruct-q4_K_M --gpus 2x4090"),
+        run("--model llama3.3:70b --gpus 2x4090"),
         """
 Read it top to bottom: each GPU holds half of every layer (tensor parallel), about 22 GiB of its
 24 GiB; the KV cache for 4,096 tokens is small next to the weights; tensor parallelism over PCIe

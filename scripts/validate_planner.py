@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
-from mgpu.planner.calibration import Calibration, Validation, calibrate
+from mgpu.planner.calibration import Calibration, Validation, calibrate, tensor_parallel_checks
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "planner.md"
@@ -46,6 +47,7 @@ def validation_markdown(calibration: Calibration, validation: Validation) -> str
         f"Rows validated: **{report['rows']}** (every row of measured_speeds.csv marked usable).",
         f"Decode constants fitted: **{report['decode_parameters']}** "
         f"({len(calibration.inverse_efficiency)} bandwidth efficiencies, "
+        f"{len(calibration.hbm_penalty)} HBM penalties, "
         f"{len(calibration.layer_overhead_s)} per-layer overheads, 3 communication constants); "
         f"prefill constants: **{report['prefill_parameters']}** MFU medians.",
         "",
@@ -63,6 +65,39 @@ def validation_markdown(calibration: Calibration, validation: Validation) -> str
         + (", ".join(validation.not_fitting) or "**none**")
         + ".",
         "",
+        "Median absolute relative decode error by engine and hardware class (GeForce cards, RTX "
+        "workstation cards, data-centre cards with GDDR or with HBM):",
+        "",
+        "| engine x hardware class | rows | leave-one-out | fitted on all rows |",
+        "|---|---:|---:|---:|",
+    ]
+    fitted_groups = validation.group_errors(loo=False)
+    for key, errors in validation.group_errors(loo=True).items():
+        lines.append(
+            f"| {key} | {len(errors)} | {statistics.median(errors):.1%} "
+            f"| {statistics.median(fitted_groups[key]):.1%} |"
+        )
+    lines += [
+        "",
+        "Tensor parallelism on NVLink pairs (every usable TP=2 row; predicted speed leave-one-out, "
+        "predicted efficiency as plans report it: TP=2 speed over twice one GPU's):",
+        "",
+        "| id | setup | measured tok/s | predicted | measured efficiency | predicted efficiency |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for check in tensor_parallel_checks(validation, calibration):
+        measured = check.measured_efficiency
+        shown = (
+            f"{measured:.0%} (vs row {check.single_row_id})"
+            if measured is not None
+            else "no one-GPU row"
+        )
+        lines.append(
+            f"| {check.row_id} | {check.label} | {check.measured:.1f} | {check.predicted:.1f} "
+            f"| {shown} | {check.predicted_efficiency:.0%} |"
+        )
+    lines += [
+        "",
         "Fitted constants (`src/mgpu/planner/data/calibration.json`):",
         "",
         "| engine / format | bandwidth efficiency 1/a |",
@@ -71,6 +106,8 @@ def validation_markdown(calibration: Calibration, validation: Validation) -> str
     for key, value in sorted(calibration.inverse_efficiency.items()):
         lines.append(f"| {key} | {1 / value:.0%} |")
     lines += ["", "| constant | value |", "|---|---:|"]
+    for key, value in sorted(calibration.hbm_penalty.items()):
+        lines.append(f"| HBM penalty d (added to a on HBM GPUs), {key} | {value:.3f} |")
     for key, value in sorted(calibration.layer_overhead_s.items()):
         name = "pooled (engines with few rows, and unmeasured ones)" if key == "*" else key
         lines.append(f"| per-layer overhead c, {name} | {value * 1e6:.1f} us |")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 from types import ModuleType
 
@@ -23,6 +24,7 @@ from mgpu.planner.calibration import (
     load_calibration,
     measurements_path,
     nnls,
+    tensor_parallel_checks,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +49,60 @@ def test_decode_median_error_within_25_percent(calibrated: tuple[Calibration, Va
     assert validation.median_error <= 0.25
     # Honest about the fit: each row predicted by constants fitted without it.
     assert validation.loo_median_error <= 0.25
+
+
+def _shared_or_packaged() -> Path:
+    shared = SHARED_DATA / "measured_speeds.csv"
+    return shared if shared.is_file() else measurements_path()
+
+
+@pytest.fixture(scope="module")
+def shared_validation(calibrated: tuple[Calibration, Validation]) -> Validation:
+    """The validation on ../shared/data/measured_speeds.csv (the package's copy when absent)."""
+    path = _shared_or_packaged()
+    if path.read_bytes() == measurements_path().read_bytes():
+        return calibrated[1]
+    return calibrate(path)[1]
+
+
+def test_leave_one_out_decode_error_within_7_percent(shared_validation: Validation) -> None:
+    errors = [
+        abs(loo - c.measurement.decode_tok_s) / c.measurement.decode_tok_s
+        for c, loo in zip(shared_validation.cases, shared_validation.decode_loo, strict=True)
+    ]
+    assert statistics.median(errors) == pytest.approx(shared_validation.loo_median_error)
+    assert statistics.median(errors) <= 0.07
+
+
+#: Groups above 20% leave-one-out, each explained in docs/planner.md: ExLlama's two rows (7B on a
+#: 3090 Ti, 13B on a 4090, one source) differ 2.2x in speed per byte, which no constant per engine
+#: can predict one from the other. Listed so that fixing or breaking any group shows here.
+KNOWN_GROUPS_OVER_20 = {"exllama x consumer"}
+
+
+def test_engine_by_hardware_class_groups_within_20_percent(shared_validation: Validation) -> None:
+    medians = {
+        group: statistics.median(errors)
+        for group, errors in shared_validation.group_errors(loo=True).items()
+    }
+    over = {group for group, value in medians.items() if value > 0.20}
+    assert over == KNOWN_GROUPS_OVER_20, medians
+
+
+def test_tensor_parallel_efficiency_against_the_nvlink_pair(
+    calibrated: tuple[Calibration, Validation],
+) -> None:
+    calibration, validation = calibrated
+    checks = {c.row_id: c for c in tensor_parallel_checks(validation, calibration)}
+    paired = [c for c in checks.values() if c.measured_efficiency is not None]
+    assert paired, "measured_speeds.csv has a TP=2 NVLink row with its one-GPU counterpart"
+    for check in paired:
+        assert check.measured_efficiency is not None
+        assert abs(check.predicted_efficiency - check.measured_efficiency) <= 0.05
+        # The data shows about 80%, not the 90-95% often quoted for NVLink pairs.
+        assert check.measured_efficiency < 0.9
+    for check in checks.values():
+        assert abs(check.predicted / check.measured - 1) <= 0.10
 
 
 def test_no_row_that_ran_is_predicted_not_to_fit(

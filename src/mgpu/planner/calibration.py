@@ -55,6 +55,8 @@ from mgpu.planner.speed import SpeedConstants, StepCost, peak_tflops, step_cost,
 VALIDATION_POSITION = 128
 VALIDATION_CONTEXT = 512
 MIN_ROWS_FOR_OWN_OVERHEAD = 4
+#: An engine gets its own HBM penalty with this many rows on each memory kind.
+MIN_ROWS_PER_MEMORY_KIND = 4
 POOLED = "*"
 
 _STRATEGY = {"single": SINGLE, "tp": TENSOR, "pp": PIPELINE, "layer-split": LAYER_SPLIT}
@@ -134,6 +136,16 @@ class Case:
         """The efficiency group: engine/format family."""
         return f"{self.engine.name}/{self.fmt.family}"
 
+    @property
+    def is_hbm(self) -> bool:
+        """The measurement ran on HBM GPUs."""
+        return self.layout.devices[0].spec.is_hbm
+
+    @property
+    def hardware_class(self) -> str:
+        """consumer, workstation or datacenter-hbm (see :class:`~mgpu.planner.hardware.GpuSpec`)."""
+        return self.layout.devices[0].spec.hardware_class
+
 
 def build_case(m: Measurement) -> Case:
     """Rebuild one measurement as the planner would plan it.
@@ -173,6 +185,8 @@ class Calibration:
     stage_hop_s: float
     row_split_sync_s: float
     mfu: dict[str, float]
+    hbm_penalty: dict[str, float] = field(default_factory=dict)
+    """Per engine, what HBM adds to ``a`` (engines measured on both memory kinds)."""
     decode_range: tuple[float, float] = (1.0, 1.0)
     prefill_range: tuple[float, float] = (1.0, 1.0)
     report: dict[str, Any] = field(default_factory=dict)
@@ -186,8 +200,10 @@ class Calibration:
             mfu: use this MFU instead of the calibrated one.
         """
         engine = CALIBRATION_PARENT.get(engine, engine)
+        a = _borrow(self.inverse_efficiency, engine, family)
         return SpeedConstants(
-            inverse_efficiency=_borrow(self.inverse_efficiency, engine, family),
+            inverse_efficiency=a,
+            hbm_inverse_efficiency=a + self.hbm_penalty.get(engine, 0.0),
             layer_overhead_s=self.layer_overhead_s.get(engine, self.layer_overhead_s[POOLED]),
             allreduce_overhead_s=self.allreduce_overhead_s,
             stage_hop_s=self.stage_hop_s,
@@ -209,6 +225,7 @@ class Calibration:
                 "See docs/planner.md for the formula."
             ),
             "inverse_efficiency": _rounded(self.inverse_efficiency, 4),
+            "hbm_penalty": _rounded(self.hbm_penalty, 4),
             "layer_overhead_us": _rounded(
                 {k: v * 1e6 for k, v in self.layer_overhead_s.items()}, 2
             ),
@@ -231,6 +248,7 @@ class Calibration:
             stage_hop_s=raw["stage_hop_us"] * 1e-6,
             row_split_sync_s=raw["row_split_sync_us"] * 1e-6,
             mfu=dict(raw["prefill_mfu"]),
+            hbm_penalty=dict(raw.get("hbm_penalty", {})),
             decode_range=(raw["decode_range"][0], raw["decode_range"][1]),
             prefill_range=(raw["prefill_range"][0], raw["prefill_range"][1]),
             report=dict(raw.get("report", {})),
@@ -291,14 +309,32 @@ def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12) -> np.ndarray:
     return x
 
 
-def _design(cases: list[Case], overhead_keys: list[str], groups: list[str]) -> np.ndarray:
-    """Columns: a'[group] (a = 1 + a'), c[overhead key], s, h, r; rows scaled to relative error."""
+def _hbm_engines(cases: list[Case]) -> list[str]:
+    """Engines with enough rows on both memory kinds to calibrate their HBM penalty."""
+    counts: dict[tuple[str, bool], int] = {}
+    for case in cases:
+        key = (case.engine.name, case.is_hbm)
+        counts[key] = counts.get(key, 0) + 1
+    engines = {case.engine.name for case in cases}
+    return sorted(
+        e
+        for e in engines
+        if min(counts.get((e, False), 0), counts.get((e, True), 0)) >= MIN_ROWS_PER_MEMORY_KIND
+    )
+
+
+def _design(
+    cases: list[Case], overhead_keys: list[str], groups: list[str], hbm: list[str]
+) -> np.ndarray:
+    """Columns: a'[group] (a = 1 + a'), d[HBM engine], c[overhead key], s, h, r; rows scaled to
+    relative error."""
     rows = []
     for case in cases:
         t = 1.0 / case.measurement.decode_tok_s
         key = case.engine.name if case.engine.name in overhead_keys else POOLED
         cost = case.decode
         row = [cost.memory_s if case.group == g else 0.0 for g in groups]
+        row += [cost.hbm_memory_s if case.engine.name == e else 0.0 for e in hbm]
         row += [float(cost.layers) if key == k else 0.0 for k in overhead_keys]
         row += [float(cost.allreduces), float(cost.stage_hops), float(cost.row_split_syncs)]
         rows.append(np.array(row) / t)
@@ -313,12 +349,13 @@ def fit(cases: list[Case], iterations: int = 40) -> Calibration:
         iterations: re-weighting rounds towards least absolute relative error.
     """
     groups = sorted({c.group for c in cases})
+    hbm = _hbm_engines(cases)
     counts: dict[str, int] = {}
     for case in cases:
         counts[case.engine.name] = counts.get(case.engine.name, 0) + 1
     own = sorted(e for e, n in counts.items() if n >= MIN_ROWS_FOR_OWN_OVERHEAD)
     overhead_keys = [*own, POOLED]
-    design = _design(cases, overhead_keys, groups)
+    design = _design(cases, overhead_keys, groups, hbm)
     # Target: what the measured time leaves after the parts with no constant to fit (a = 1 share
     # of the memory time, link physics), relative to the measured time.
     target = np.array(
@@ -333,12 +370,15 @@ def fit(cases: list[Case], iterations: int = 40) -> Calibration:
         solution = nnls(design * root / scale, target * root[:, 0]) / scale
         residual = design @ solution - target
         weights = 1.0 / np.maximum(np.abs(residual), 0.02)
-    n_groups, n_over = len(groups), len(overhead_keys)
+    n_groups, n_hbm, n_over = len(groups), len(hbm), len(overhead_keys)
     efficiency = {g: 1.0 + float(solution[i]) for i, g in enumerate(groups)}
-    overhead = {k: float(solution[n_groups + i]) for i, k in enumerate(overhead_keys)}
-    allreduce, hop, row_split = (float(v) for v in solution[n_groups + n_over :])
-    partial = Calibration(efficiency, overhead, allreduce, hop, row_split, {})
-    return Calibration(efficiency, overhead, allreduce, hop, row_split, _fit_mfu(cases, partial))
+    penalty = {e: float(solution[n_groups + i]) for i, e in enumerate(hbm)}
+    first = n_groups + n_hbm
+    overhead = {k: float(solution[first + i]) for i, k in enumerate(overhead_keys)}
+    allreduce, hop, row_split = (float(v) for v in solution[first + n_over :])
+    partial = Calibration(efficiency, overhead, allreduce, hop, row_split, {}, penalty)
+    mfu = _fit_mfu(cases, partial)
+    return Calibration(efficiency, overhead, allreduce, hop, row_split, mfu, penalty)
 
 
 def _fit_mfu(cases: list[Case], partial: Calibration) -> dict[str, float]:
@@ -353,7 +393,10 @@ def _fit_mfu(cases: list[Case], partial: Calibration) -> dict[str, float]:
         # A prefill chunk is compute-bound: the measured time minus every non-compute term (the
         # step time with infinite MFU, less its memory time) is what the FLOPs took.
         budget = case.engine.prefill_chunk_tokens / measured - step_seconds(case.prefill, k)
-        budget += sum(k.inverse_efficiency * s.memory_s for s in case.prefill.stages)
+        budget += sum(
+            (k.hbm_inverse_efficiency if s.is_hbm else k.inverse_efficiency) * s.memory_s
+            for s in case.prefill.stages
+        )
         if budget > 0:
             implied.setdefault(case.group, []).append(min(1.0, compute / budget))
     return {group: statistics.median(values) for group, values in implied.items()}
@@ -420,6 +463,20 @@ class Validation:
         """Leave-one-out median absolute relative prefill error."""
         return statistics.median(self._errors(self.cases, self.prefill_loo, prefill=True))
 
+    def group_errors(self, loo: bool = True) -> dict[str, list[float]]:
+        """Absolute relative decode errors per ``engine x hardware class`` group.
+
+        Args:
+            loo: the leave-one-out predictions (else the fit on every row).
+        """
+        predicted = self.decode_loo if loo else self.decode
+        groups: dict[str, list[float]] = {}
+        for case, value in zip(self.cases, predicted, strict=True):
+            measured = case.measurement.decode_tok_s
+            key = f"{case.engine.name} x {case.hardware_class}"
+            groups.setdefault(key, []).append(abs(value - measured) / measured)
+        return dict(sorted(groups.items()))
+
     @property
     def not_fitting(self) -> list[str]:
         """Ids of rows that ran in reality but that the planner says do not fit."""
@@ -471,7 +528,12 @@ def calibrate(path: Path | None = None) -> tuple[Calibration, Validation]:
     cases = [build_case(m) for m in load_measurements(path)]
     calibration = fit(cases)
     validation = validate(cases, calibration)
-    n_params = len(calibration.inverse_efficiency) + len(calibration.layer_overhead_s) + 3
+    n_params = (
+        len(calibration.inverse_efficiency)
+        + len(calibration.hbm_penalty)
+        + len(calibration.layer_overhead_s)
+        + 3
+    )
     report = {
         "rows": len(cases),
         "decode_parameters": n_params,
@@ -490,8 +552,88 @@ def calibrate(path: Path | None = None) -> tuple[Calibration, Validation]:
         calibration.stage_hop_s,
         calibration.row_split_sync_s,
         calibration.mfu,
+        calibration.hbm_penalty,
         _ratio_range(cases, validation.decode_loo, prefill=False),
         _ratio_range(cases, validation.prefill_loo, prefill=True),
         report,
     )
     return final, validation
+
+
+@dataclass(frozen=True)
+class TensorParallelCheck:
+    """A published TP=2 decode on an NVLink pair beside the model's prediction of it."""
+
+    row_id: str
+    label: str
+    measured: float
+    predicted: float
+    predicted_efficiency: float
+    single_row_id: str | None
+    single_measured: float | None
+
+    @property
+    def measured_efficiency(self) -> float | None:
+        """TP=2 speed over twice the same setup's one-GPU speed, where both were published."""
+        if self.single_measured is None:
+            return None
+        return self.measured / (2 * self.single_measured)
+
+
+def tensor_parallel_checks(
+    validation: Validation, calibration: Calibration
+) -> list[TensorParallelCheck]:
+    """Every usable TP=2 NVLink row: measured against predicted speed and scaling efficiency.
+
+    The predicted efficiency is the plan's: the TP=2 prediction over twice the prediction on one
+    of the GPUs (the same formula as ``Plan.tp_scaling_efficiency``). The measured one needs a
+    one-GPU row of the same engine, model, precision, GPU and source.
+
+    Args:
+        validation: the validated cases.
+        calibration: the constants.
+    """
+    checks = []
+    cases = validation.cases
+    for case, loo in zip(cases, validation.decode_loo, strict=True):
+        m = case.measurement
+        if m.tp != 2 or m.pp != 1 or m.interconnect != "nvlink":
+            continue
+        single = next(
+            (
+                c.measurement
+                for c in cases
+                if c.measurement.gpu_count == 1
+                and (c.measurement.engine, c.measurement.model, c.measurement.quantization)
+                == (m.engine, m.model, m.quantization)
+                and (c.measurement.gpu, c.measurement.source) == (m.gpu, m.source)
+            ),
+            None,
+        )
+        one = Layout(SINGLE, 1, 1, (case.model.config.num_hidden_layers,), case.layout.devices[:1])
+        link = make_interconnect(None, list(one.devices))
+        alone = step_cost(
+            case.model.config,
+            case.fmt.bits_per_weight,
+            case.engine,
+            one,
+            link,
+            1,
+            VALIDATION_POSITION,
+            2.0,
+        )
+        k = calibration.constants(case.engine.name, case.fmt.family)
+        predicted_single = 1.0 / step_seconds(alone, k)
+        predicted = predict_decode(case, calibration)
+        checks.append(
+            TensorParallelCheck(
+                row_id=m.row_id,
+                label=f"{m.model} {m.quantization} {m.engine}, 2x {m.gpu}",
+                measured=m.decode_tok_s,
+                predicted=loo,
+                predicted_efficiency=predicted / (2 * predicted_single),
+                single_row_id=single.row_id if single else None,
+                single_measured=single.decode_tok_s if single else None,
+            )
+        )
+    return checks

@@ -52,7 +52,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--engine",
-        default="mgpu",
         choices=sorted(ENGINES),
         help="Whose speed to predict (default: mgpu).",
     )
@@ -60,17 +59,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         "--context",
         type=int,
         default=None,
-        help=f"Tokens per sequence the KV cache holds (default {DEFAULT_CONTEXT}; "
-        "with --train, the sequence length, default 2048).",
+        help=f"Tokens per sequence the KV cache holds (default {DEFAULT_CONTEXT}, or the model's "
+        "context if shorter; with --train, the sequence length, default 2048).",
     )
-    parser.add_argument(
-        "--concurrency", type=int, default=1, help="Sequences served at once (default 1)."
-    )
+    parser.add_argument("--concurrency", type=int, help="Sequences served at once (default 1).")
     parser.add_argument(
         "--parallelism",
-        default="auto",
         choices=PARALLELISMS,
-        help="auto picks the fastest layout that fits; or force single, tp, pp, layer-split.",
+        help="auto picks the fastest layout that fits; or force single, tp, pp, layer-split, "
+        "ep (expert parallel, mixtures of experts only).",
     )
     parser.add_argument("--tensor-parallel-size", type=int, help="Force this tensor-parallel size.")
     parser.add_argument(
@@ -83,12 +80,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kv-cache-dtype",
-        default="auto",
         choices=sorted(KV_CACHE_BYTES),
         help="KV-cache element type (auto = 16-bit).",
     )
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
-    parser.add_argument("--plot", metavar="FILE.png", help="Draw the per-GPU memory breakdown.")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="Draw the per-GPU memory breakdown (plans and --train)."
+    )
     parser.add_argument(
         "--recommend",
         action="store_true",
@@ -103,15 +101,63 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset-tokens", type=int, help="With --train: tokens in one epoch of the dataset."
     )
+    parser.add_argument("--lora-rank", type=int, help="With --train: LoRA rank (default 16).")
     parser.add_argument(
-        "--lora-rank", type=int, default=16, help="With --train: LoRA rank (default 16)."
+        "--micro-batch-size", type=int, help="With --train: sequences per GPU per step (default 1)."
     )
-    parser.add_argument(
-        "--micro-batch-size",
-        type=int,
-        default=1,
-        help="With --train: sequences per GPU per step (default 1).",
-    )
+
+
+#: The flags each mode reads; a flag given in a mode that does not read it is refused.
+_MODE_FLAGS = {
+    "plan": {
+        "gpus",
+        "quantization",
+        "engine",
+        "context",
+        "concurrency",
+        "parallelism",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "interconnect",
+        "kv_cache_dtype",
+        "plot",
+    },
+    "recommend": {"quantization", "engine", "context", "concurrency", "kv_cache_dtype", "budget"},
+    "train": {
+        "gpus",
+        "quantization",
+        "context",
+        "interconnect",
+        "dataset_tokens",
+        "lora_rank",
+        "micro_batch_size",
+        "plot",
+    },
+}
+_MODE_NAMES = {"plan": "a plan for --gpus", "recommend": "--recommend", "train": "--train lora"}
+
+
+def check_flags(args: argparse.Namespace) -> str:
+    """The mode of this ``mgpu plan`` call; refuse any flag that mode would not honour.
+
+    Args:
+        args: parsed flags from :func:`add_plan_arguments`.
+
+    Raises:
+        ConfigError: for a flag given in a mode that ignores it, or two modes at once.
+    """
+    if args.recommend and args.train:
+        raise ConfigError("--recommend and --train are separate questions; give one of them")
+    mode = "recommend" if args.recommend else "train" if args.train else "plan"
+    every = sorted(set().union(*_MODE_FLAGS.values()))
+    ignored = [n for n in every if getattr(args, n) is not None and n not in _MODE_FLAGS[mode]]
+    if ignored:
+        told = []
+        for name in ignored:
+            modes = [_MODE_NAMES[m] for m, names in _MODE_FLAGS.items() if name in names]
+            told.append(f"--{name.replace('_', '-')} (read only with {' or '.join(modes)})")
+        raise ConfigError(f"{_MODE_NAMES[mode]} does not use {', '.join(told)}")
+    return mode
 
 
 def run_plan(args: argparse.Namespace, console: Console | None = None) -> int:
@@ -125,32 +171,38 @@ def run_plan(args: argparse.Namespace, console: Console | None = None) -> int:
         ConfigError: for a request that cannot be planned (unknown names list the closest ones).
     """
     console = console or Console()
-    if args.recommend:
+    mode = check_flags(args)
+    if mode == "recommend":
         return _recommend(args, console)
-    if args.train:
+    if mode == "train":
         return _train(args, console)
     result = plan(
         args.model,
         args.gpus,
         quantization=args.quantization,
-        engine=args.engine,
-        context=args.context or DEFAULT_CONTEXT,
-        concurrency=args.concurrency,
-        parallelism=args.parallelism,
+        engine=args.engine or "mgpu",
+        context=args.context,
+        concurrency=1 if args.concurrency is None else args.concurrency,
+        parallelism=args.parallelism or "auto",
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         interconnect=args.interconnect,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype or "auto",
     )
     from mgpu.planner.render import render_plan
 
     _emit(result, args.json, console, render_plan)
-    if args.plot:
+    _plot(result, args.plot)
+    return 0 if result.fits else EXIT_DOES_NOT_FIT
+
+
+def _plot(result: Any, path: str | None) -> None:
+    """Draw ``--plot`` for a plan or a training plan, and say where it went."""
+    if path:
         from mgpu.planner.plot import plot_memory
 
-        path = plot_memory(result, args.plot)
-        print(f"memory breakdown written to {path}", file=sys.stderr)
-    return 0 if result.fits else EXIT_DOES_NOT_FIT
+        written = plot_memory(result, path)
+        print(f"memory breakdown written to {written}", file=sys.stderr)
 
 
 def _emit(
@@ -169,9 +221,10 @@ def _recommend(args: argparse.Namespace, console: Console) -> int:
     rec = recommend(
         args.model,
         quantization=args.quantization,
-        engine=args.engine,
-        context=args.context or DEFAULT_CONTEXT,
-        concurrency=args.concurrency,
+        engine=args.engine or "mgpu",
+        context=args.context,
+        concurrency=1 if args.concurrency is None else args.concurrency,
+        kv_cache_dtype=args.kv_cache_dtype or "auto",
         budget_usd=args.budget,
     )
     from mgpu.planner.render import render_recommendation
@@ -193,13 +246,14 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         dataset_tokens=args.dataset_tokens,
         quantization=args.quantization,
         seq_len=args.context or 2048,
-        micro_batch_size=args.micro_batch_size,
-        lora_rank=args.lora_rank,
+        micro_batch_size=args.micro_batch_size or 1,
+        lora_rank=args.lora_rank or 16,
         interconnect=args.interconnect,
     )
     from mgpu.planner.render import render_train
 
     _emit(result, args.json, console, render_train)
+    _plot(result, args.plot)
     return 0 if result.fits else EXIT_DOES_NOT_FIT
 
 

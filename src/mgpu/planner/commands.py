@@ -1,18 +1,26 @@
 """The command lines that run a plan: ``mgpu serve``, and the same layout in vLLM and llama.cpp.
 
 ``mgpu serve`` takes vLLM's flag names (DESIGN.md), so the two commands differ mainly in the
-program name (mgpu reads a checkpoint's quantization from its own files and has no
-``--quantization``); llama.cpp expresses a layer split with ``--tensor-split`` proportions and
-tensor parallelism with its row split.
+program name; llama.cpp expresses a layer split with ``--tensor-split`` proportions and tensor
+parallelism with its row split.
+
+An ``mgpu serve`` command is printed only for what the engine runs, and what it runs is read from
+the engine itself rather than kept in a list here: the architecture from
+:data:`mgpu.models.registry.MODEL_REGISTRY` (through ``model_class``), a quantization or a GGUF file
+from the choices of ``mgpu serve --quantization`` and the KV-cache type from those of
+``--kv-cache-dtype``. Anything else gets a comment saying why, beside the vLLM and llama.cpp
+commands.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import shlex
 from dataclasses import dataclass
+from functools import cache
 
-from mgpu.planner.engines import LAYER_SPLIT, PIPELINE, TENSOR, TENSOR_PIPELINE
+from mgpu.planner.engines import EXPERT, LAYER_SPLIT, PIPELINE, TENSOR, TENSOR_PIPELINE
 from mgpu.planner.models import ModelSpec
 from mgpu.planner.quant import QuantFormat
 
@@ -33,6 +41,7 @@ class CommandInputs:
     concurrency: int
     kv_cache_dtype: str
     memory_fraction: float
+    fits: bool = True
 
 
 def gpu_memory_utilization(memory_fraction: float) -> float:
@@ -67,13 +76,84 @@ def _visible(inputs: CommandInputs) -> str:
     return f"CUDA_VISIBLE_DEVICES={','.join(map(str, indices))} "
 
 
+@cache
+def _serve_options() -> dict[str, tuple[str, ...] | None]:
+    """``mgpu serve``'s flags and their choices (None: any value), from the engine's own parser."""
+    from mgpu.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.choices["serve"]
+    options: dict[str, tuple[str, ...] | None] = {}
+    for action in serve._actions:
+        for flag in action.option_strings:
+            options[flag] = tuple(action.choices) if action.choices is not None else None
+    return options
+
+
+def _accepted(flag: str, value: str) -> bool:
+    """Whether ``mgpu serve`` lists ``value`` among the choices of ``flag``."""
+    choices = _serve_options().get(flag)
+    return choices is not None and value in choices
+
+
+def _is_quantized(inputs: CommandInputs) -> bool:
+    """Whether the weights are anything but a float Hugging Face checkpoint."""
+    return inputs.fmt.family != "float" or inputs.model.is_gguf_file
+
+
+def _serve_quantization(inputs: CommandInputs) -> str | None:
+    """The ``--quantization`` value ``mgpu serve`` takes for this plan's weights, if any."""
+    fmt = inputs.fmt
+    if not _is_quantized(inputs):
+        return None
+    wanted = ["gguf", fmt.name] if fmt.family == "gguf" or inputs.model.is_gguf_file else []
+    wanted += [name for name in (fmt.vllm_name, fmt.name) if name]
+    return next((name for name in wanted if _accepted("--quantization", name)), None)
+
+
+def mgpu_refusal(inputs: CommandInputs) -> str | None:
+    """Why ``mgpu serve`` cannot run this plan, or None when it can.
+
+    Args:
+        inputs: the plan's model, precision and layout.
+    """
+    from mgpu.errors import MgpuError
+    from mgpu.models.registry import model_class
+
+    if not inputs.fits:
+        return "the plan does not fit these GPUs, and the engine would refuse its KV cache"
+    try:
+        model_class(inputs.model.config)
+    except MgpuError as exc:
+        return f"the engine does not run this model ({exc})"
+    fmt = inputs.fmt
+    if _is_quantized(inputs) and _serve_quantization(inputs) is None:
+        what = "GGUF files" if inputs.model.is_gguf_file or fmt.family == "gguf" else fmt.name
+        return f"the engine does not load {what} yet (mgpu serve --quantization does not offer it)"
+    if inputs.strategy == EXPERT and "--enable-expert-parallel" not in _serve_options():
+        return "the engine has no expert parallelism (mgpu serve has no --enable-expert-parallel)"
+    kv = inputs.kv_cache_dtype
+    if kv not in ("auto", "f16", "bf16") and not _accepted("--kv-cache-dtype", kv):
+        return f"the engine has no {kv} KV cache (mgpu serve --kv-cache-dtype does not offer it)"
+    return None
+
+
 def mgpu_command(inputs: CommandInputs) -> str:
-    """``mgpu serve`` for the plan.
+    """``mgpu serve`` for the plan, or a comment saying why the engine cannot run it.
 
     Args:
         inputs: the plan's layout and sizes.
     """
-    model = _gguf_ref(inputs) if inputs.fmt.family == "gguf" else _model_ref(inputs)
+    refusal = mgpu_refusal(inputs)
+    if refusal is not None:
+        return f"# no mgpu serve command: {refusal}; use the vLLM or llama.cpp command"
+    if inputs.model.ollama_pull and inputs.fmt.name == inputs.model.implied_quantization:
+        model = inputs.model.ollama_pull  # the engine resolves it to the blob Ollama holds
+    elif inputs.fmt.family == "gguf":
+        model = _gguf_ref(inputs)
+    else:
+        model = _model_ref(inputs)
     parts = [
         "mgpu serve",
         f"--model {shlex.quote(model)}",
@@ -82,15 +162,22 @@ def mgpu_command(inputs: CommandInputs) -> str:
     ]
     if inputs.pp > 1 and len(set(inputs.layer_split)) > 1:
         parts.append(f"--layer-split {','.join(map(str, inputs.layer_split))}")
-    # A quantized checkpoint declares its own format; a float plan names the dtype it assumed.
-    dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(inputs.fmt.name)
-    if dtype:
+    if inputs.strategy == EXPERT:
+        parts.append("--enable-expert-parallel")
+    quantization = _serve_quantization(inputs)
+    if quantization:
+        parts.append(f"--quantization {quantization}")
+    else:
+        # A float plan names the dtype it assumed.
+        dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[inputs.fmt.name]
         parts.append(f"--dtype {dtype}")
     parts += [
         f"--max-model-len {inputs.context}",
         f"--max-num-seqs {inputs.concurrency}",
         f"--gpu-memory-utilization {gpu_memory_utilization(inputs.memory_fraction):.2f}",
     ]
+    if inputs.kv_cache_dtype not in ("auto", "f16", "bf16"):
+        parts.append(f"--kv-cache-dtype {inputs.kv_cache_dtype}")
     return _visible(inputs) + " ".join(parts)
 
 
@@ -115,7 +202,11 @@ def vllm_command(inputs: CommandInputs) -> str:
         f"--tensor-parallel-size {inputs.tp}",
         f"--pipeline-parallel-size {inputs.pp}",
     ]
-    if inputs.fmt.vllm_name:
+    if inputs.strategy == EXPERT:
+        parts.append("--enable-expert-parallel")
+    if inputs.fmt.family == "gguf" or inputs.model.is_gguf_file:
+        parts.append("--quantization gguf")
+    elif inputs.fmt.vllm_name:
         parts.append(f"--quantization {inputs.fmt.vllm_name}")
     parts += [
         f"--max-model-len {inputs.context}",
@@ -147,7 +238,9 @@ def llama_cpp_command(inputs: CommandInputs) -> str:
         f"-np {inputs.concurrency}",
     ]
     world = inputs.tp * inputs.pp
-    if inputs.strategy in (TENSOR, TENSOR_PIPELINE):
+    if inputs.strategy == EXPERT:
+        prefix += "# llama.cpp has no expert parallelism; its row split over the same GPUs:\n"
+    if inputs.strategy in (TENSOR, TENSOR_PIPELINE, EXPERT):
         parts += ["--split-mode row", f"--tensor-split {','.join(['1'] * world)}"]
     elif inputs.strategy in (PIPELINE, LAYER_SPLIT):
         parts += ["--split-mode layer", f"--tensor-split {','.join(map(str, inputs.layer_split))}"]

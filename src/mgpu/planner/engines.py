@@ -22,7 +22,10 @@ TENSOR = "tensor_parallel"
 PIPELINE = "pipeline_parallel"
 LAYER_SPLIT = "layer_split"
 TENSOR_PIPELINE = "tensor_pipeline_parallel"
-STRATEGIES = (SINGLE, TENSOR, PIPELINE, LAYER_SPLIT, TENSOR_PIPELINE)
+#: Attention tensor-parallel, experts placed whole on the ranks and tokens dispatched to them with
+#: all-to-all (vLLM's ``--enable-expert-parallel``); mixture-of-experts models only.
+EXPERT = "expert_parallel"
+STRATEGIES = (SINGLE, TENSOR, PIPELINE, LAYER_SPLIT, TENSOR_PIPELINE, EXPERT)
 
 CUDA_CONTEXT_GIB = 0.5
 
@@ -58,6 +61,7 @@ class EngineProfile:
 
 _SERVING = ("float", "fp8", "int8", "int4")
 _ALL_SPLITS = (SINGLE, TENSOR, PIPELINE, TENSOR_PIPELINE)
+_WITH_EXPERTS = (*_ALL_SPLITS, EXPERT)
 
 
 def _engine(
@@ -85,10 +89,10 @@ _LLAMA_CPP = ((SINGLE, LAYER_SPLIT, TENSOR), ("float", "gguf"))
 ENGINES: dict[str, EngineProfile] = {
     e.name: e
     for e in (
-        _engine("mgpu", _ALL_SPLITS, (*_SERVING, "gguf")),
-        _engine("vllm", _ALL_SPLITS, (*_SERVING, "gguf")),
-        _engine("sglang", _ALL_SPLITS, _SERVING),
-        _engine("tensorrt-llm", _ALL_SPLITS, _SERVING),
+        _engine("mgpu", _WITH_EXPERTS, (*_SERVING, "gguf")),
+        _engine("vllm", _WITH_EXPERTS, (*_SERVING, "gguf")),
+        _engine("sglang", _WITH_EXPERTS, _SERVING),
+        _engine("tensorrt-llm", _WITH_EXPERTS, _SERVING),
         _engine("lmdeploy", (SINGLE, TENSOR), _SERVING),
         _engine("gpt-fast", (SINGLE, TENSOR), ("float", "int8", "int4"), runtime_overhead_gib=0.5),
         _engine("mlc-llm", (SINGLE, TENSOR), ("float", "int8", "int4"), runtime_overhead_gib=0.5),

@@ -49,6 +49,10 @@ _MEMORY = re.compile(r"^(\d+)(?:gb|g|gib)$")
 _VARIANT = re.compile(r"^(sxm|pcie|oam)\d?$")
 
 
+#: Catalogue GPUs with HBM memory (the rest of gpu_specs.csv is GDDR).
+_HBM_PARTS = ("A100", "H100", "H200", "MI300")
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     """One GPU model from ``gpu_specs.csv`` (None where the file says n/f)."""
@@ -73,6 +77,24 @@ class GpuSpec:
         if "SXM" in self.name or "MI300X" in self.name:
             return "server-board"
         return "datacenter-pcie"
+
+    @property
+    def is_hbm(self) -> bool:
+        """Whether the card's memory is HBM (A100, H100, H200, MI300X) rather than GDDR.
+
+        HBM's wide, slower-clocked stacks need more requests in flight to reach their bandwidth
+        than GDDR does, so an engine's kernels can reach a different share of it; the speed model
+        calibrates the two kinds apart where the measurements allow.
+        """
+        return any(part in self.name for part in _HBM_PARTS)
+
+    @property
+    def hardware_class(self) -> str:
+        """The class accuracy is reported by: consumer, workstation, datacenter-gddr (L40S, A40)
+        or datacenter-hbm."""
+        if self.is_hbm:
+            return "datacenter-hbm"
+        return "datacenter-gddr" if self.form == "datacenter-pcie" else self.form
 
     @property
     def default_interconnect(self) -> str:
@@ -292,6 +314,21 @@ class Interconnect:
         latency = (self.latency_base_us + self.latency_per_gpu_us * (num_gpus - 1)) * 1e-6
         moved = 2 * (num_gpus - 1) / num_gpus * num_bytes
         return latency + moved / (self.bandwidth_gbs * 1e9)
+
+    def alltoall_seconds(self, num_gpus: int, num_bytes: float) -> float:
+        """Time of one all-to-all in which every GPU sends ``num_bytes`` spread over all GPUs.
+
+        Each GPU keeps its own share and sends the other ``(n - 1) / n``; the links run in
+        parallel, so the time is one GPU's traffic at link bandwidth plus the collective's latency.
+
+        Args:
+            num_gpus: participants.
+            num_bytes: what one GPU dispatches (its tokens' copies for their experts).
+        """
+        if num_gpus <= 1:
+            return 0.0
+        latency = (self.latency_base_us + self.latency_per_gpu_us * (num_gpus - 1)) * 1e-6
+        return latency + (num_gpus - 1) / num_gpus * num_bytes / (self.bandwidth_gbs * 1e9)
 
     def transfer_seconds(self, num_bytes: float) -> float:
         """Time to send ``num_bytes`` from one GPU to the next (a pipeline hop).

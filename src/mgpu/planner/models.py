@@ -54,6 +54,10 @@ class ModelSpec:
     is_gguf_file: bool = False
     implied_quantization: str | None = None
     file_bits_per_weight: float | None = None
+    ollama_pull: str | None = None
+    """The Ollama tag this name pulls (``llama3.3:70b-instruct-q4_K_M``), for an Ollama name."""
+    notes: tuple[str, ...] = ()
+    """What resolving the name or reading the file decided, for the plan's reasons."""
 
     @property
     def num_params(self) -> int:
@@ -96,6 +100,14 @@ class CatalogueEntry:
     aliases: tuple[str, ...]
     source: str
     config: dict[str, Any]
+    ollama_default: dict[str, Any] | None = None
+    """Ollama's default tag for :attr:`ollama` (``tag``), whether ``latest`` points to it, and the
+    tags page it was read from (``source``)."""
+
+    @property
+    def architecture(self) -> str:
+        """The Hugging Face architecture name (``LlamaForCausalLM``)."""
+        return str(self.config["architectures"][0])
 
     def spellings(self) -> list[str]:
         """Every name this entry answers to."""
@@ -115,6 +127,7 @@ def catalogue() -> tuple[CatalogueEntry, ...]:
             aliases=tuple(m.get("aliases", ())),
             source=m["source"],
             config=m["config"],
+            ollama_default=m.get("ollama_default"),
         )
         for m in raw["models"]
     )
@@ -178,15 +191,47 @@ def load_model(text: str) -> ModelSpec:
         raise ConfigError(f"{path} is neither a model directory nor a .gguf file")
     if text.lower().endswith(".gguf"):
         raise ConfigError(f"no GGUF file at {path}")
+    from mgpu.planner.ollama import resolve_ollama_name  # ollama needs this module's catalogue
+
+    pull = resolve_ollama_name(text)
+    if pull is not None:
+        return ModelSpec(
+            name=pull.entry.name,
+            config=model_config(pull.entry.config),
+            source=pull.entry.source,
+            hf_id=pull.entry.hf_id,
+            implied_quantization=pull.quantization,
+            ollama_pull=pull.tag,
+            notes=(pull.describe(),),
+        )
     entry = find_catalogue_model(text)
     implied, _ = find_quantization_tag(text)
     return ModelSpec(
         name=entry.name,
-        config=ModelConfig.from_dict(entry.config),
+        config=model_config(entry.config),
         source=entry.source,
         hf_id=entry.hf_id,
         implied_quantization=implied,
     )
+
+
+def model_config(raw: dict[str, Any]) -> ModelConfig:
+    """A :class:`ModelConfig` from config.json fields, Qwen3-MoE's expert names included.
+
+    Qwen3-MoE calls its experts ``num_experts`` and their width ``moe_intermediate_size``; with
+    every layer sparse (``decoder_sparse_step`` 1, no ``mlp_only_layers``) its dense
+    ``intermediate_size`` is never used, so the expert width takes its place for the memory and
+    speed formulas, as Mixtral's ``num_local_experts`` and ``intermediate_size`` do.
+
+    Args:
+        raw: the parsed config.json (or a catalogue entry's config).
+    """
+    sparse_everywhere = raw.get("decoder_sparse_step", 1) == 1 and not raw.get("mlp_only_layers")
+    if "num_experts" in raw and "num_local_experts" not in raw and sparse_everywhere:
+        raw = {**raw, "num_local_experts": raw["num_experts"]}
+        if raw.get("moe_intermediate_size"):
+            raw["intermediate_size"] = raw["moe_intermediate_size"]
+    return ModelConfig.from_dict(raw)
 
 
 def _hf_quantization(raw: dict[str, Any]) -> str | None:
@@ -225,12 +270,23 @@ def model_from_hf_dir(path: Path) -> ModelSpec:
     text_raw = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
     return ModelSpec(
         name=path.name,
-        config=ModelConfig.from_dict(text_raw),
+        config=model_config(text_raw),
         source=str(path / "config.json"),
         path=str(path),
         implied_quantization=_hf_quantization(raw),
     )
 
+
+# GGUF architecture names and the Hugging Face classes they were converted from; llama.cpp writes
+# Mistral as "llama" and Mixtral as "llama" with experts.
+_GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 
 # GGUF metadata keys that become config.json fields; "{a}" is the file's general.architecture.
 _GGUF_FIELDS = {
@@ -248,24 +304,77 @@ _GGUF_FIELDS = {
     "rms_norm_eps": "{a}.attention.layer_norm_rms_epsilon",
 }
 
-# llama.cpp's LLAMA_FTYPE values for the precisions the planner knows.
-_GGUF_FILE_TYPES = {
-    0: "f32",
-    1: "f16",
-    2: "q4_0",
-    3: "q4_1",
-    7: "q8_0",
-    8: "q5_0",
-    9: "q5_1",
-    10: "q2_k",
-    12: "q3_k_m",
-    14: "q4_k_s",
-    15: "q4_k_m",
-    16: "q5_k_s",
-    17: "q5_k_m",
-    18: "q6_k",
-    32: "bf16",
+# GGML tensor types by their planner names; K-quant "mixes" are told apart by file type or by the
+# Q6_K tensors llama-quantize adds to the _M mixes.
+_GGML_TYPES = {
+    "F32": "f32",
+    "F16": "f16",
+    "BF16": "bf16",
+    "Q4_0": "q4_0",
+    "Q4_1": "q4_1",
+    "Q5_0": "q5_0",
+    "Q5_1": "q5_1",
+    "Q8_0": "q8_0",
+    "Q2_K": "q2_k",
+    "Q3_K": "q3_k_m",
+    "Q6_K": "q6_k",
 }
+
+
+def _file_type_name(value: Any) -> str | None:
+    """``general.file_type`` (llama.cpp's LLAMA_FTYPE) as a planner name: 15 is ``q4_k_m``."""
+    from gguf import LlamaFileType
+
+    try:
+        name = LlamaFileType(int(value)).name
+    except (TypeError, ValueError):
+        return None
+    if name == "GUESSED":
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def _tensor_type_name(elements: dict[str, int]) -> str:
+    """The precision of the type holding most matrix elements (``Q4_K`` with Q6_K: ``q4_k_m``)."""
+    dominant = max(elements, key=lambda k: elements[k])
+    if dominant in ("Q4_K", "Q5_K"):
+        return dominant.lower() + ("_m" if "Q6_K" in elements else "_s")
+    return _GGML_TYPES.get(dominant, dominant.lower())
+
+
+def _base_type(name: str) -> str:
+    """The tensor type a precision is built on: ``q4_k_m`` -> ``Q4_K``."""
+    upper = name.upper()
+    return upper[:4] if "_K" in upper else upper
+
+
+def gguf_quantization(file_type: Any, elements: dict[str, int]) -> tuple[str, str | None]:
+    """A GGUF file's precision from its ``general.file_type`` and the types of its matrices.
+
+    The file type names the mix (``Q4_K_M``) and is kept when the tensors agree with it; a missing
+    or contradicted file type gives way to the tensors, and the note says so.
+
+    Args:
+        file_type: the ``general.file_type`` value, or None.
+        elements: matrix elements per GGML tensor type name (``{"Q8_0": 1234}``).
+
+    Returns:
+        The planner's name for the precision and a note, or None when the two sources agree.
+    """
+    from_tensors = _tensor_type_name(elements)
+    declared = None if file_type is None else _file_type_name(file_type)
+    dominant = max(elements, key=lambda k: elements[k]).upper()
+    if declared is None:
+        return from_tensors, (
+            f"The file declares no general.file_type; most of its matrix weights are {dominant}, "
+            f"so it is planned as {from_tensors}."
+        )
+    if _base_type(declared) != dominant:
+        return from_tensors, (
+            f"The file's general.file_type says {declared} but most of its matrix weights are "
+            f"{dominant}: planned as {from_tensors}."
+        )
+    return declared, None
 
 
 def model_from_gguf(path: Path) -> ModelSpec:
@@ -291,7 +400,7 @@ def model_from_gguf(path: Path) -> ModelSpec:
     arch = field("general.architecture")
     if not arch:
         raise ConfigError(f"{path} has no general.architecture; is it a GGUF model file?")
-    raw: dict[str, Any] = {"architectures": [f"{arch}"], "model_type": arch}
+    raw: dict[str, Any] = {"model_type": arch}
     for name, key in _GGUF_FIELDS.items():
         value = field(key.format(a=arch))
         if isinstance(value, list):
@@ -303,6 +412,13 @@ def model_from_gguf(path: Path) -> ModelSpec:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         if tokens is not None:
             raw["vocab_size"] = len(tokens.data)
+    expert_width = field(f"{arch}.expert_feed_forward_length")
+    if expert_width and raw.get("num_local_experts"):
+        raw["intermediate_size"] = expert_width  # Qwen3-MoE: every layer's MLP is its experts
+    hf_arch = _GGUF_ARCHITECTURES.get(str(arch), str(arch))
+    if hf_arch == "LlamaForCausalLM" and raw.get("num_local_experts"):
+        hf_arch = "MixtralForCausalLM"
+    raw["architectures"] = [hf_arch]
     names = {t.name for t in reader.tensors}
     raw["tie_word_embeddings"] = "output.weight" not in names
     missing = [
@@ -315,18 +431,23 @@ def model_from_gguf(path: Path) -> ModelSpec:
     if "intermediate_size" not in raw:
         raise ConfigError(f"{path}: GGUF metadata lacks {arch}.feed_forward_length")
 
-    matrix_bytes = sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) >= 2)
-    matrix_elements = sum(int(t.n_elements) for t in reader.tensors if len(t.shape) >= 2)
-    bits = 8 * matrix_bytes / matrix_elements if matrix_elements else None
-    file_type = field("general.file_type")
+    matrices = [t for t in reader.tensors if len(t.shape) >= 2]
+    if not matrices:
+        raise ConfigError(f"{path} holds no weight matrices")
+    matrix_bytes = sum(int(t.n_bytes) for t in matrices)
+    matrix_elements = sum(int(t.n_elements) for t in matrices)
+    by_type: dict[str, int] = {}
+    for tensor in matrices:
+        kind = tensor.tensor_type.name
+        by_type[kind] = by_type.get(kind, 0) + int(tensor.n_elements)
+    quantization, note = gguf_quantization(field("general.file_type"), by_type)
     return ModelSpec(
         name=path.stem,
-        config=ModelConfig.from_dict(raw),
+        config=model_config(raw),
         source=str(path),
         path=str(path),
         is_gguf_file=True,
-        implied_quantization=_GGUF_FILE_TYPES.get(int(file_type))
-        if file_type is not None
-        else None,
-        file_bits_per_weight=bits,
+        implied_quantization=quantization,
+        file_bits_per_weight=8 * matrix_bytes / matrix_elements,
+        notes=(note,) if note else (),
     )

@@ -21,11 +21,13 @@ from mgpu.planner.commands import (
     CommandInputs,
     llama_cpp_command,
     mgpu_command,
+    mgpu_refusal,
     vllm_command,
 )
 from mgpu.planner.engines import (
     CALIBRATION_PARENT,
     ENGINES,
+    EXPERT,
     LAYER_SPLIT,
     PIPELINE,
     SINGLE,
@@ -45,7 +47,7 @@ from mgpu.planner.hardware import (
 from mgpu.planner.models import ModelSpec, load_model
 from mgpu.planner.placement import GIB, Layout, RankMemory, Workload, make_layout, rank_memory
 from mgpu.planner.power import PowerPlan, power_plan
-from mgpu.planner.quant import QuantFormat, kv_cache_bytes, parse_quantization
+from mgpu.planner.quant import QuantFormat, file_format, kv_cache_bytes, parse_quantization
 from mgpu.planner.speed import (
     SpeedConstants,
     has_bandwidth,
@@ -60,7 +62,7 @@ DEFAULT_CONTEXT = 4096
 MORE_GPUS_MIN_GAIN = 0.05
 #: Largest GPU count the "smallest configuration that would fit" search tries.
 MAX_SEARCH_GPUS = 64
-PARALLELISMS = ("auto", "single", "tp", "pp", "layer-split")
+PARALLELISMS = ("auto", "single", "tp", "pp", "layer-split", "ep")
 #: Precisions tried, highest first, when suggesting one that would fit.
 _FALLBACK_PRECISIONS = (
     "fp8",
@@ -340,7 +342,7 @@ def _layouts(
         if tp == 1 and pp == 1:
             strategy = SINGLE
         elif pp == 1:
-            strategy = TENSOR
+            strategy = EXPERT if parallelism == "ep" else TENSOR
         else:
             strategy = split if tp == 1 else TENSOR_PIPELINE
         return [
@@ -362,6 +364,14 @@ def _layouts(
             options.append((TENSOR, count, 1))
         if count > 1 and parallelism in ("auto", "pp", "layer-split"):
             options.append((split, 1, count))
+        if (
+            count > 1
+            and parallelism in ("auto", "ep")
+            and count in valid_tp
+            and config.is_moe
+            and config.num_local_experts % count == 0
+        ):
+            options.append((EXPERT, count, 1))
         if count > 2 and parallelism == "auto" and TENSOR_PIPELINE in engine.strategies:
             for tp in range(2, count):
                 if count % tp == 0 and tp in valid_tp:
@@ -407,18 +417,40 @@ def _check_request(
         raise ConfigError(
             f"unknown --parallelism {parallelism!r}; use one of {', '.join(PARALLELISMS)}"
         )
-    wanted = {"tp": TENSOR, "pp": engine.split_strategy, "layer-split": engine.split_strategy}
+    wanted = {
+        "tp": TENSOR,
+        "pp": engine.split_strategy,
+        "layer-split": engine.split_strategy,
+        "ep": EXPERT,
+    }
     if parallelism in wanted and wanted[parallelism] not in engine.strategies:
         raise ConfigError(
             f"{engine.name} has no {parallelism} mode; it offers {', '.join(engine.strategies)}"
         )
     if parallelism in wanted and len(devices) < 2 and tp_size is None and pp_size is None:
         raise ConfigError(f"--parallelism {parallelism} needs at least two GPUs in --gpus")
+    if parallelism == "ep" and not config.is_moe:
+        raise ConfigError(
+            f"--parallelism ep places experts on GPUs; {ctx.model.name} is not a mixture of experts"
+        )
     if tp_size is not None or pp_size is not None:
         tp = 1 if tp_size is None else tp_size
         pp = 1 if pp_size is None else pp_size
         if tp < 1 or pp < 1:
             raise ConfigError("--tensor-parallel-size and --pipeline-parallel-size must be >= 1")
+        consistent = {
+            "auto": True,
+            "single": tp == pp == 1,
+            "tp": tp > 1 and pp == 1,
+            "pp": tp == 1 and pp > 1,
+            "layer-split": tp == 1 and pp > 1,
+            "ep": tp > 1 and pp == 1 and config.num_local_experts % tp == 0,
+        }
+        if not consistent[parallelism]:
+            raise ConfigError(
+                f"--parallelism {parallelism} contradicts --tensor-parallel-size {tp} "
+                f"--pipeline-parallel-size {pp}; give the sizes or a --parallelism that matches"
+            )
         if tp not in valid_tp_sizes(config):
             raise ConfigError(
                 f"tensor parallel size {tp} does not divide {ctx.model.name}'s "
@@ -466,7 +498,7 @@ def plan(
     *,
     quantization: str | None = None,
     engine: str = "mgpu",
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
     concurrency: int = 1,
     parallelism: str = "auto",
     tensor_parallel_size: int | None = None,
@@ -483,7 +515,8 @@ def plan(
         quantization: weight precision; by default the one the model's name or files imply, else
             its checkpoint dtype.
         engine: whose speed to predict (``mgpu``, ``llama.cpp``, ``vllm``, ...).
-        context: tokens per sequence the KV cache must hold.
+        context: tokens per sequence the KV cache must hold, at most the model's own context;
+            by default :data:`DEFAULT_CONTEXT` or the model's context if that is shorter.
         concurrency: sequences served at once.
         parallelism: ``auto`` (the fastest layout that fits), ``single``, ``tp``, ``pp`` or
             ``layer-split``.
@@ -498,10 +531,20 @@ def plan(
     Raises:
         ConfigError: for unknown names and impossible requests, saying what to do.
     """
-    if context < 1 or concurrency < 1:
+    if (context is not None and context < 1) or concurrency < 1:
         raise ConfigError("--context and --concurrency must be positive")
     spec = load_model(model) if isinstance(model, str) else model
-    notes: list[str] = []
+    notes: list[str] = list(spec.notes)
+    limit = spec.config.max_position_embeddings
+    if context is None:
+        context = min(DEFAULT_CONTEXT, limit)
+        if context < DEFAULT_CONTEXT:
+            notes.append(f"Context {context} tokens: the model's own (shorter than the default).")
+    elif context > limit:
+        raise ConfigError(
+            f"--context {context} exceeds {spec.name}'s context of {limit} tokens "
+            "(max_position_embeddings); engines refuse a longer --max-model-len"
+        )
     if gpus is None:
         devices = detect_gpus()
         if not devices:
@@ -515,7 +558,10 @@ def plan(
     else:
         # Fresh objects: GPUs are told apart by identity, so one Device listed twice is two GPUs.
         devices = [Device(d.spec, d.memory_gib) for d in gpus]
-    fmt = parse_quantization(quantization or _default_precision(spec))
+    if quantization is None and spec.is_gguf_file and spec.file_bits_per_weight:
+        fmt = file_format(_default_precision(spec), spec.file_bits_per_weight)
+    else:
+        fmt = parse_quantization(quantization or _default_precision(spec))
     bits = fmt.bits_per_weight
     if spec.is_gguf_file and spec.file_bits_per_weight:
         if fmt.name == spec.implied_quantization or quantization is None:
@@ -607,12 +653,20 @@ def _assemble(
         concurrency=ctx.workload.concurrency,
         kv_cache_dtype=kv_cache_dtype,
         memory_fraction=fraction,
+        fits=chosen.fits,
     )
     commands = {
         "mgpu": mgpu_command(inputs),
         "vllm": vllm_command(inputs),
         "llama.cpp": llama_cpp_command(inputs),
     }
+    refusal = mgpu_refusal(inputs)
+    if refusal is not None:
+        reasons = [
+            *reasons,
+            f"No mgpu serve command: {refusal}. The vLLM and llama.cpp "
+            "commands run the same layout.",
+        ]
     tp_efficiency = None
     if layout.tp > 1 and chosen.decode.expected and chosen.single_gpu_decode:
         tp_efficiency = chosen.decode.expected / chosen.single_gpu_decode / layout.tp
@@ -752,8 +806,20 @@ def _reasons(
                 f"A shorter --context, fewer --concurrency{smaller_kv} shrinks the KV cache."
             )
         reasons.append("Speeds are those of the closest layout as if it had the memory.")
-    if chosen.fits and chosen.layout.tp > 1 and chosen.decode.expected:
+    if chosen.fits and chosen.layout.strategy == EXPERT and chosen.decode.expected:
+        reasons.append(_expert_note(ctx, chosen))
+    elif chosen.fits and chosen.layout.tp > 1 and chosen.decode.expected:
         reasons.append(_link_note(ctx, chosen))
+    experts = [c for c in candidates if c.layout.strategy == EXPERT and c.decode.expected]
+    if experts and chosen.layout.strategy != EXPERT:
+        best = max(experts, key=lambda c: _objective(c, ctx.workload.concurrency))
+        reasons.append(
+            f"Expert parallel on {best.world} GPUs would give "
+            f"{_objective(best, ctx.workload.concurrency):.1f} tok/s: each GPU holds "
+            f"{config.num_local_experts // best.world} whole experts, so a step waits for the GPU "
+            "whose experts the tokens picked most, and tokens travel to their experts and back "
+            "with two all-to-alls per layer."
+        )
     if chosen.layout.tp > 1 and ctx.engine.row_split_tp:
         reasons.append(
             f"{ctx.engine.name}'s tensor parallelism is its row split (--split-mode row)."
@@ -822,6 +888,25 @@ def _why_layout(ctx: _Context, candidates: list[Candidate], chosen: Candidate) -
     if ctx.engine.split_strategy == LAYER_SPLIT and chosen.layout.strategy == LAYER_SPLIT:
         text += f". {ctx.engine.name}'s layer split adds memory, not speed: the GPUs take turns"
     return text + "."
+
+
+def _expert_note(ctx: _Context, chosen: Candidate) -> str:
+    """What expert parallelism costs a decode step: its collectives and its busiest GPU."""
+    from mgpu.planner.speed import busiest_rank_experts
+
+    config, layout = ctx.model.config, chosen.layout
+    activation = config.hidden_size * 2
+    per_token = config.num_hidden_layers * (
+        ctx.link.allreduce_seconds(layout.tp, activation)
+        + 2 * ctx.link.alltoall_seconds(layout.tp, activation * config.num_experts_per_tok)
+    )
+    busiest = busiest_rank_experts(config, layout.tp, 1)
+    return (
+        f"Expert parallel over {ctx.link.name}: {config.num_local_experts // layout.tp} whole "
+        f"experts per GPU; one token's {config.num_experts_per_tok} experts put {busiest:.2f} on "
+        f"the busiest GPU on average; an all-reduce and two all-to-alls per layer cost "
+        f"{per_token * 1e3:.2f} ms per token."
+    )
 
 
 def _link_note(ctx: _Context, chosen: Candidate) -> str:

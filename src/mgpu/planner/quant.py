@@ -146,6 +146,19 @@ _TAG = re.compile(
 )
 
 
+def file_format(name: str, bits: float) -> QuantFormat:
+    """The format of a GGUF file: a known precision, or the file's own type at its own rate.
+
+    Args:
+        name: the precision the file declares (``q4_k_m``, ``iq4_xs``).
+        bits: the file's bits per matrix weight, from its tensor table.
+    """
+    try:
+        return parse_quantization(name)
+    except ConfigError:
+        return QuantFormat(name, bits, "gguf", None, f"GGUF {name.upper()} (read from the file)")
+
+
 def find_quantization_tag(text: str) -> tuple[str | None, str]:
     """Find a precision tag inside a model name (``llama3.3:70b-instruct-q4_K_M``).
 

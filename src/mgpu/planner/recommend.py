@@ -162,8 +162,9 @@ def recommend(
     *,
     quantization: str | None = None,
     engine: str = "mgpu",
-    context: int = 4096,
+    context: int | None = None,
     concurrency: int = 1,
+    kv_cache_dtype: str = "auto",
     budget_usd: float | None = None,
     max_options: int = 10,
 ) -> Recommendation:
@@ -177,8 +178,9 @@ def recommend(
         model: catalogue name, HF directory or GGUF file.
         quantization: weight precision (see :func:`mgpu.planner.plan.plan`).
         engine: whose speed to predict.
-        context: tokens per sequence.
+        context: tokens per sequence (default: as :func:`mgpu.planner.plan.plan` chooses).
         concurrency: sequences at once.
+        kv_cache_dtype: KV-cache element type (see :func:`mgpu.planner.plan.plan`).
         budget_usd: most the GPUs may cost to buy.
         max_options: how many options of each kind (buy, rent) to keep.
 
@@ -193,6 +195,7 @@ def recommend(
         "engine": engine,
         "context": context,
         "concurrency": concurrency,
+        "kv_cache_dtype": kv_cache_dtype,
     }
     bought: list[HardwareOption] = []
     over_budget = []
@@ -239,7 +242,7 @@ def recommend(
     probe = plan(spec, [Device(largest, largest.memory_gib)], **kwargs)
     reasons = [
         f"{probe.model} at {probe.quantization}: {probe.memory_required_gb:.1f} GiB on a single "
-        f"GPU at {context} tokens x {concurrency} sequences (more when split).",
+        f"GPU at {probe.context} tokens x {concurrency} sequences (more when split).",
         "Cards to buy are ranked by predicted "
         + (
             "single-stream decode speed"
@@ -258,7 +261,7 @@ def recommend(
         model=probe.model,
         quantization=probe.quantization,
         engine=probe.engine,
-        context=context,
+        context=probe.context,
         concurrency=concurrency,
         budget_usd=budget_usd,
         options=tuple(options),

@@ -3,16 +3,19 @@
 One decode step reads every weight a token touches and the KV cache written so far, so at batch 1
 its time is set by memory bandwidth (docs/planner.md gives the derivation)::
 
-    t = a[engine, format] x sum over stages of max over the stage's GPUs (bytes read / bandwidth)
+    t = (a[engine, format] + d[engine] on HBM GPUs)
+          x sum over stages of max over the stage's GPUs (bytes read / bandwidth)
         + c[engine] x layers                      kernel launches and small ops, per layer
         + s x 2 x layers   (tensor parallel)       engine-side cost of each all-reduce
+                           (expert parallel: 3 x layers, an all-reduce and two all-to-alls)
         + h x (stages - 1) (pipeline / split)      hand-over between stages
         + r x layers x (tp - 1) (llama.cpp row split)
-        + link time: all-reduce latency and bytes on the interconnect, hop transfers
+        + link time: collective latency and bytes on the interconnect, hop transfers
 
 ``a`` is the inverse of the bandwidth efficiency the engine reaches with that weight format
-(a >= 1); ``a, c, s, h, r`` are fitted to the published measurements by
-:mod:`mgpu.planner.calibration`; the link time is physics from data/interconnects.json.
+(a >= 1) and ``d`` what HBM adds to it; ``a, d, c, s, h, r`` are fitted to the published
+measurements by :mod:`mgpu.planner.calibration`; the link time is physics from
+data/interconnects.json.
 
 With many sequences a step can become compute-bound: each stage then takes
 max(a x memory time, FLOPs / (peak x MFU)). Prefill is the same formula for one chunk of prompt
@@ -21,13 +24,14 @@ tokens, where the FLOPs dominate.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from functools import cache
 
 from mgpu.config import ModelConfig
 from mgpu.memory import kv_bytes_per_token, rank_weights
-from mgpu.planner.engines import EngineProfile
+from mgpu.planner.engines import EXPERT, EngineProfile
 from mgpu.planner.hardware import GpuSpec, Interconnect, gpu_catalogue
 from mgpu.planner.placement import Layout, vector_bytes
 
@@ -39,6 +43,8 @@ class StageCost:
     memory_s: float
     compute_s: float
     layers: int
+    is_hbm: bool = False
+    """The slowest rank's memory is HBM (its bandwidth efficiency may differ)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,11 @@ class StepCost:
         return sum(stage.memory_s for stage in self.stages)
 
     @property
+    def hbm_memory_s(self) -> float:
+        """The part of :attr:`memory_s` spent in stages whose slowest GPU has HBM."""
+        return sum(stage.memory_s for stage in self.stages if stage.is_hbm)
+
+    @property
     def layers(self) -> int:
         """Layers run one after another."""
         return sum(stage.layers for stage in self.stages)
@@ -68,6 +79,8 @@ class SpeedConstants:
 
     inverse_efficiency: float
     layer_overhead_s: float
+    hbm_inverse_efficiency: float
+    """``a`` for stages on HBM GPUs (equal to ``inverse_efficiency`` where not calibrated apart)."""
     allreduce_overhead_s: float
     stage_hop_s: float
     row_split_sync_s: float
@@ -110,15 +123,70 @@ def expert_fraction(model: ModelConfig, batch: int) -> float:
     return 1.0 - (1.0 - chosen) ** batch
 
 
+def busiest_rank_experts(model: ModelConfig, ranks: int, tokens: int) -> float:
+    """Expected experts per layer the busiest rank reads when experts are placed whole on ranks.
+
+    Routing is taken as uniform. One token picks k of E experts without replacement, so each
+    rank's count is hypergeometric and ``P(max < m)`` is the coefficient of ``x^k`` in
+    ``(sum_{j<m} C(E/n, j) x^j)^n`` over ``C(E, k)``. With several tokens each expert is touched
+    with probability ``1 - (1 - k/E)^tokens`` and the ranks are treated as independent binomials.
+
+    Args:
+        model: a mixture of experts whose expert count ``ranks`` divides.
+        ranks: expert-parallel ranks.
+        tokens: tokens in the step.
+    """
+    experts, k = model.num_local_experts, model.num_experts_per_tok
+    local = experts // ranks
+    if tokens == 1:
+        total = math.comb(experts, k)
+        expected = 0.0
+        for m in range(1, min(k, local) + 1):
+            poly = [1]
+            factor = [math.comb(local, j) for j in range(m)]
+            for _ in range(ranks):
+                poly = [
+                    sum(poly[i] * factor[n - i] for i in range(len(poly)) if 0 <= n - i < m)
+                    for n in range(len(poly) + m - 1)
+                ][: k + 1]
+            below = poly[k] / total if k < len(poly) else 0.0
+            expected += 1.0 - below
+        return expected
+    p = 1.0 - (1.0 - k / experts) ** tokens
+    expected = 0.0
+    cdf = 0.0
+    for m in range(1, local + 1):
+        cdf += math.comb(local, m - 1) * p ** (m - 1) * (1 - p) ** (local - m + 1)
+        expected += 1.0 - cdf**ranks
+    return expected
+
+
 def _rank_read_bytes(
-    model: ModelConfig, bits: float, tp: int, layers: tuple[int, int], is_last: bool, batch: int
+    model: ModelConfig,
+    bits: float,
+    tp: int,
+    layers: tuple[int, int],
+    is_last: bool,
+    batch: int,
+    experts_whole: bool = False,
 ) -> tuple[float, float]:
     """Weight bytes one rank reads per step, and the multiply-add count per token.
 
     The token embedding is a table lookup (one row per token), so it is not counted as read.
+    With ``experts_whole`` (expert parallelism) the rank holds ``E / tp`` whole experts instead of
+    a ``1 / tp`` slice of each: the same bytes, but it reads the experts its busiest share of the
+    tokens picked (:func:`busiest_rank_experts`).
     """
     counts = rank_weights(model, tp, layers, is_first_stage=False, is_last_stage=is_last)
     matrices = float(counts.matrix_elements)
+    if model.is_moe and experts_whole:
+        num_layers = layers[1] - layers[0]
+        expert = 3 * model.hidden_size * model.intermediate_size * num_layers
+        held = model.num_local_experts * 3 * model.hidden_size * (model.intermediate_size // tp)
+        dense = matrices - held * num_layers
+        read = dense + busiest_rank_experts(model, tp, batch) * expert
+        active = dense + busiest_rank_experts(model, tp, 1) * expert
+        return read * bits / 8 + counts.vector_elements * vector_bytes(bits), float(active)
     if model.is_moe:
         expert = 3 * model.hidden_size * (model.intermediate_size // tp) * (layers[1] - layers[0])
         idle = model.num_local_experts * expert
@@ -179,22 +247,35 @@ def step_cost(
         kv_read = kv_bytes_per_token(model, end - start, kv_tp, kv_bytes_per_element)
         kv_read *= batch * position
         worst_memory = worst_compute = 0.0
+        worst_hbm = False
         for tp_rank, device in enumerate(layout.stage_devices(pp_rank)):
             if device.spec.bandwidth_gbs is None:
                 raise ValueError(f"{device.name} has no known memory bandwidth")
-            read, active = _rank_read_bytes(model, bits, layout.tp, (start, end), is_last, tokens)
+            read, active = _rank_read_bytes(
+                model, bits, layout.tp, (start, end), is_last, tokens, layout.strategy == EXPERT
+            )
             if not engine.row_split_tp or layout.tp == 1 or tp_rank == 0:
                 read += kv_read
             flops, _ = peak_tflops(device.spec)
-            worst_memory = max(worst_memory, read / (device.spec.bandwidth_gbs * 1e9))
+            memory = read / (device.spec.bandwidth_gbs * 1e9)
+            if memory >= worst_memory:
+                worst_memory, worst_hbm = memory, device.spec.is_hbm
             worst_compute = max(worst_compute, 2 * active * tokens / ((flops or 1.0) * 1e12))
-        stages.append(StageCost(worst_memory, worst_compute, end - start))
+        stages.append(StageCost(worst_memory, worst_compute, end - start, worst_hbm))
 
     activation = tokens * model.hidden_size * 2
     link_s = (layout.pp - 1) * link.transfer_seconds(activation)
     allreduces = row_syncs = 0
     if layout.tp > 1 and engine.row_split_tp:
         row_syncs = model.num_hidden_layers * (layout.tp - 1)
+    elif layout.strategy == EXPERT:
+        # One all-reduce after attention, then the tokens' k copies go to their experts' ranks
+        # and come back: two all-to-alls per layer, counted with the all-reduces for overhead.
+        layers = model.num_hidden_layers
+        dispatched = activation * model.num_experts_per_tok
+        link_s += layers * link.allreduce_seconds(layout.tp, activation)
+        link_s += 2 * layers * link.alltoall_seconds(layout.tp, dispatched)
+        allreduces = 3 * layers
     elif layout.tp > 1:
         allreduces = 2 * model.num_hidden_layers
         link_s += allreduces * link.allreduce_seconds(layout.tp, activation)
@@ -202,9 +283,8 @@ def step_cost(
 
 
 def _stage_seconds(stage: StageCost, k: SpeedConstants) -> float:
-    return max(k.inverse_efficiency * stage.memory_s, stage.compute_s / k.mfu) + (
-        k.layer_overhead_s * stage.layers
-    )
+    a = k.hbm_inverse_efficiency if stage.is_hbm else k.inverse_efficiency
+    return max(a * stage.memory_s, stage.compute_s / k.mfu) + (k.layer_overhead_s * stage.layers)
 
 
 def step_seconds(cost: StepCost, k: SpeedConstants) -> float:

@@ -15,8 +15,9 @@ Time per epoch = tokens x 6 x active parameters / (GPUs x peak x MFU): forward (
 forward of gradient checkpointing (2) and the backward pass through the frozen weights to the
 adapters (2). The MFU is an assumption, not a fit: no measurement of LoRA throughput is in the data,
 so the range spans 0.6x to 1.4x of it. FSDP adds the all-gather of the base weights (three passes
-per step) over the interconnect, overlapped with compute; DDP adds the all-reduce of the adapter
-gradients after each step.
+per step) over the interconnect, partly hidden under compute (:data:`FSDP_OVERLAP`); DDP adds the
+all-reduce of the adapter gradients after each step. The speed-up column and the plan's prose are
+both read from the same :class:`StepTime` of each GPU count.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from mgpu.planner.speed import peak_tflops
 TRAIN_OVERHEAD_GIB = 1.5
 #: Assumed model FLOPs utilisation of LoRA training with 16-bit and with 4-bit (dequantised) bases.
 TRAIN_MFU = {"float": 0.35, "quantized": 0.20}
+#: Share of the shorter of weight gathers and compute that FSDP's prefetching hides (an assumption:
+#: gathers compete with compute for memory bandwidth and SMs, so the overlap is never complete).
+FSDP_OVERLAP = 0.7
 MFU_SPREAD = (0.6, 1.4)
 SCALING_COUNTS = (1, 2, 4, 8)
 
@@ -204,37 +208,79 @@ def _memory(
     )
 
 
-def _epoch_seconds(
+@dataclass(frozen=True)
+class StepTime:
+    """One optimizer step on every GPU: what the prose and the speed-up column are both read from.
+
+    ``comm_s`` is the interconnect time of the step (FSDP's weight gathers, or DDP's gradient
+    all-reduce) and ``exposed_s`` the part of it the GPUs wait for.
+    """
+
+    gpus: int
+    strategy: str
+    compute_s: float
+    comm_s: float
+    exposed_s: float
+    comm_bytes: float
+    steps: float
+
+    @property
+    def step_s(self) -> float:
+        """Seconds per step."""
+        return self.compute_s + self.exposed_s
+
+    @property
+    def epoch_s(self) -> float:
+        """Seconds per epoch."""
+        return self.steps * self.step_s
+
+    @property
+    def waiting_share(self) -> float:
+        """Share of each step spent waiting on the interconnect."""
+        return self.exposed_s / self.step_s
+
+
+def _step_time(
     model: ModelSpec,
     fmt: QuantFormat,
     devices: list[Device],
     link: Interconnect,
-    sharded: bool,
+    strategy: str,
     dataset_tokens: int,
     micro_batch: int,
     seq_len: int,
     rank: int,
-) -> float | None:
+) -> StepTime | None:
+    """The time of one step and the steps of one epoch (None without a citable peak TFLOPS).
+
+    Compute is 6 x active parameters per token at :data:`TRAIN_MFU`. FSDP gathers every base
+    weight shard in the forward pass, the recomputed forward and the backward pass; its prefetch
+    hides :data:`FSDP_OVERLAP` of the shorter of gather and compute, and the first layer's gather of
+    each pass is never hidden. DDP all-reduces the fp32 adapter gradients after the backward pass.
+    """
     peaks = [peak_tflops(d.spec)[0] for d in devices]
     if any(p is None for p in peaks):
         return None
     mfu = TRAIN_MFU["float" if fmt.family == "float" else "quantized"]
-    flops_per_token = 6 * model.num_active_params
     slowest = min(p for p in peaks if p is not None) * 1e12 * mfu
     step_tokens = micro_batch * seq_len  # per GPU
-    compute = step_tokens * flops_per_token / slowest
-    steps = dataset_tokens / (step_tokens * len(devices))
-    if len(devices) == 1:
-        return steps * compute
-    if sharded:
+    compute = step_tokens * 6 * model.num_active_params / slowest
+    count = len(devices)
+    steps = dataset_tokens / (step_tokens * count)
+    if count == 1:
+        return StepTime(1, strategy, compute, 0.0, 0.0, 0.0, steps)
+    bandwidth = link.bandwidth_gbs * 1e9
+    if strategy == "fsdp":
         full = weight_bytes_per_rank(model.config, fmt.bits_per_weight)
-        # Forward, recomputed forward and backward each gather every shard once, overlapped
-        # with compute by FSDP's prefetching.
-        gather = 3 * full * (len(devices) - 1) / len(devices) / (link.bandwidth_gbs * 1e9)
-        return steps * max(compute, gather)
-    # Data parallel: the fp32 adapter gradients are all-reduced once per step, after backward.
-    grads = link.allreduce_seconds(len(devices), lora_params(model.config, rank) * 4)
-    return steps * (compute + grads)
+        first = weight_bytes_per_rank(model.config, fmt.bits_per_weight, 1, (0, 1), False, False)
+        gathered = 3 * full * (count - 1) / count
+        gather = gathered / bandwidth
+        exposed = gather - FSDP_OVERLAP * min(gather, compute)
+        exposed = max(exposed, 3 * first * (count - 1) / count / bandwidth)
+        return StepTime(count, strategy, compute, gather, exposed, gathered, steps)
+    grads = lora_params(model.config, rank) * 4
+    reduce = link.allreduce_seconds(count, grads)
+    return StepTime(count, strategy, compute, reduce, reduce, float(grads), steps)
 
 
 def plan_lora(
@@ -288,12 +334,12 @@ def plan_lora(
         return strategy, all(d.free_gb >= 0 for d in sharded), sharded
 
     strategy, fits, memory = layout(devices)
-    seconds = _epoch_seconds(
+    timing = _step_time(
         spec,
         fmt,
         devices,
         link,
-        strategy == "fsdp",
+        strategy,
         dataset_tokens,
         micro_batch_size,
         seq_len,
@@ -301,18 +347,18 @@ def plan_lora(
     )
 
     scaling = []
-    base_time = None
+    base: StepTime | None = None
     kind = devices[0]
     for count in sorted({*SCALING_COUNTS, len(devices)}):
         group = [Device(kind.spec, kind.memory_gib) for _ in range(count)]
         group_strategy, group_fits, _ = layout(group)
-        group_time = (
-            _epoch_seconds(
+        point = (
+            _step_time(
                 spec,
                 fmt,
                 group,
                 make_interconnect(interconnect, group),
-                group_strategy == "fsdp",
+                group_strategy,
                 dataset_tokens,
                 micro_batch_size,
                 seq_len,
@@ -321,21 +367,23 @@ def plan_lora(
             if group_fits
             else None
         )
-        if group_time is not None and base_time is None:
-            base_time = group_time  # speed-ups are against the fewest GPUs that fit
-        speedup = base_time / group_time if (group_time and base_time) else None
-        hours = group_time / 3600 if group_time else None
+        if point is not None and base is None:
+            base = point  # speed-ups are against the fewest GPUs that fit
+        speedup = base.epoch_s / point.epoch_s if (point and base) else None
+        hours = point.epoch_s / 3600 if point else None
         scaling.append(ScalingPoint(count, group_strategy, group_fits, hours, speedup))
 
     epoch = None
     tokens_per_s = None
-    if seconds is not None and fits:
+    if timing is not None and fits:
         low, high = MFU_SPREAD
+        seconds = timing.epoch_s
         # More MFU is a shorter epoch: the high MFU gives the low time.
         epoch = (seconds / high / 3600, seconds / 3600, seconds / low / 3600)
         tokens_per_s = dataset_tokens / seconds
 
     reasons = _train_reasons(spec, fmt, devices, strategy, fits, memory, trainable, seq_len)
+    reasons[2:2] = _scaling_reasons(timing, link, base, tuple(scaling))
     command = (
         f"mgpu train --model_name {spec.hf_id or spec.path or spec.name} "
         "--dataset_path data.jsonl --output_dir ./lora-out --num_train_epochs 1 "
@@ -363,6 +411,36 @@ def plan_lora(
     )
 
 
+def _scaling_reasons(
+    timing: StepTime | None,
+    link: Interconnect,
+    base: StepTime | None,
+    scaling: tuple[ScalingPoint, ...],
+) -> list[str]:
+    """What the interconnect costs each step, in the numbers the speed-up column is made of."""
+    if timing is None or timing.gpus == 1:
+        return []
+    mib = timing.comm_bytes / 2**20
+    if timing.strategy == "fsdp":
+        text = (
+            "The base model does not fit one GPU, so it is sharded (FSDP): each step gathers "
+            f"{timing.comm_bytes / GIB:.1f} GiB of weights per GPU over {link.name} "
+            f"({timing.comm_s:.2f} s against {timing.compute_s:.2f} s of compute; with "
+            f"{FSDP_OVERLAP:.0%} of the shorter hidden by prefetching, "
+            f"{timing.waiting_share:.0%} of the step waits on it)"
+        )
+    else:
+        text = (
+            "Each GPU holds the whole base model and trains on its own batches: only the adapter "
+            f"gradients ({mib:.0f} MiB) cross {link.name}, {timing.waiting_share:.1%} of each step"
+        )
+    points = [p for p in scaling if p.speedup is not None and base and p.gpus > base.gpus]
+    if base and points:
+        listed = ", ".join(f"{p.speedup:.2f}x on {p.gpus}" for p in points)
+        text += f". Against {base.gpus} GPU(s): {listed}"
+    return [text + "."]
+
+
 def _train_reasons(
     spec: ModelSpec,
     fmt: QuantFormat,
@@ -382,16 +460,6 @@ def _train_reasons(
         f"activations at {seq_len} tokens with gradient checkpointing "
         f"{first.activations_gb:.1f} GiB.",
     ]
-    if strategy == "ddp":
-        reasons.append(
-            "Each GPU holds the whole base model and trains on its own batches: only the small "
-            "adapter gradients cross the interconnect, so time per epoch falls almost linearly."
-        )
-    elif strategy == "fsdp":
-        reasons.append(
-            "The base model does not fit one GPU, so it is sharded (FSDP): every step gathers the "
-            "weights over the interconnect, which limits the speed-up on PCIe."
-        )
     if not fits:
         lighter = "--quantization nf4 (QLoRA), " if fmt.family == "float" else ""
         reasons.append(
