@@ -94,6 +94,7 @@ class Executor:
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
+        self._stopper: threading.Thread | None = None
         for rank in range(world):
             parent, child = ctx.Pipe(duplex=True)
             init = WorkerInit(
@@ -171,15 +172,20 @@ class Executor:
 
     def _fail_dead(self, rank: int) -> None:
         proc = self.procs[rank]
-        proc.join(timeout=2)
+        proc.join(timeout=0.2)  # a closed pipe comes just before the exit: wait for its code
         how = f"exit code {proc.exitcode}"
         if proc.exitcode is not None and proc.exitcode < 0:
             how = f"signal {signal.Signals(-proc.exitcode).name}"
         self._fail(f"worker rank {rank} (pid {proc.pid}) died ({how})")
 
     def _fail(self, message: str) -> None:
-        self.shutdown()
-        raise WorkerError(message + "; the engine has stopped all its workers")
+        # Raise first, stop the survivors in the background: a survivor blocked in a collective
+        # with the dead rank takes seconds to stop, and the caller must fail its requests now.
+        if not self._closed:
+            self._closed = True
+            self._stopper = threading.Thread(target=self._stop_workers, name="mgpu-stop-workers")
+            self._stopper.start()
+        raise WorkerError(message + "; the engine is stopping all its workers")
 
     def _send(self, ranks: range | list[int], method: str, args: tuple, reply: bool) -> None:
         if self._closed:
@@ -202,10 +208,16 @@ class Executor:
         return self._collect([self.output_rank])[0]
 
     def shutdown(self) -> None:
-        """Stop every worker: politely, then by force. Safe to call twice."""
+        """Stop every worker: politely, then by force. Safe to call twice; returns once they are
+        all gone (also when a failure started stopping them in the background)."""
         if self._closed:
+            if self._stopper is not None:
+                self._stopper.join()
             return
         self._closed = True
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
         for conn in self.conns:
             with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(("shutdown", (), False))
