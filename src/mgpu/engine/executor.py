@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -179,10 +180,17 @@ class Executor:
         self._fail(f"worker rank {rank} (pid {proc.pid}) died ({how})")
 
     def _fail(self, message: str) -> None:
-        # Raise first, stop the survivors in the background: a survivor blocked in a collective
-        # with the dead rank takes seconds to stop, and the caller must fail its requests now.
+        # The engine is down: kill the survivors rather than ask them to stop (one blocked in a
+        # collective with the dead rank takes seconds), wait for them at most half a second,
+        # and leave the rest of the clean-up to a thread, so the caller fails its requests now.
         if not self._closed:
             self._closed = True
+            for proc in self.procs:
+                if proc.is_alive():
+                    proc.kill()
+            deadline = time.monotonic() + 0.5
+            for proc in self.procs:
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
             self._stopper = threading.Thread(target=self._stop_workers, name="mgpu-stop-workers")
             self._stopper.start()
         raise WorkerError(message + "; the engine is stopping all its workers")
