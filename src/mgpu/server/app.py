@@ -255,7 +255,12 @@ class OpenAIServing:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     def _tokenize(self, text: str) -> list[int]:
-        return list(self._encoder(text).input_ids)
+        try:
+            return list(self._encoder(text).input_ids)
+        except Exception as exc:  # the tokenizer failed on this text: this request's problem
+            logger.error("tokenizing a prompt failed", exc_info=exc)
+            message = f"tokenizing the prompt failed: {type(exc).__name__}: {exc}"
+            raise APIError(500, message, param="prompt", code="request_failed") from None
 
     def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         try:
