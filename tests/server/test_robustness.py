@@ -391,7 +391,7 @@ def test_sigterm_drains_streams(server: ServerProcess) -> None:
     print(f"SIGTERM: streams ended after {ended:.2f} s with", [e[-1] for e in streams.values()])
     for name, events in streams.items():
         last = events[-1]
-        assert last == "[DONE]" or "shutting down" in last["error"]["message"], (name, last)
+        assert last == "[DONE]" or last["error"]["code"] == "server_shutting_down", (name, last)
     assert ended < SHUTDOWN_TIMEOUT + 1, ended
     assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
     assert "Traceback" not in server.log, server.log

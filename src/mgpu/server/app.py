@@ -28,7 +28,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mgpu import __version__
 from mgpu.engine.llm_engine import CompletionOutput, PromptError, RequestOutput, render_chat
 from mgpu.sampling import SampleResult, SamplingParams, SamplingParamsError
-from mgpu.server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from mgpu.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    RequestFailedError,
+    ServerShutdownError,
+)
 from mgpu.server.errors import APIError, install_error_handlers, logger
 from mgpu.server.metrics import Metrics
 from mgpu.server.protocol import (
@@ -807,6 +812,8 @@ def _api_error(exc: Exception) -> APIError:
     """The OpenAI-shaped error for an exception raised while generating."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ServerShutdownError):
+        return APIError(503, str(exc), code="server_shutting_down")
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine stopped: {exc}", code="engine_unavailable")
     if isinstance(exc, RequestFailedError):

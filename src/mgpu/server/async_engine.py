@@ -48,6 +48,10 @@ class EngineDeadError(MgpuError):
     """The engine has stopped (a worker died, or the server is shutting down)."""
 
 
+class ServerShutdownError(EngineDeadError):
+    """The server is shutting down and its grace period ran out before this request finished."""
+
+
 class RequestFailedError(MgpuError):
     """This request failed on its own (sampling or detokenising it raised); the engine runs on."""
 
@@ -185,7 +189,7 @@ class AsyncEngine:
             self._submit(_Abort(request_id))
 
     def fail_all_requests(self, message: str) -> None:
-        """Abort every request in flight and fail each with :class:`EngineDeadError` (``message``).
+        """Abort every request in flight and fail each with :class:`ServerShutdownError`.
 
         The engine keeps running; the server calls this when its shutdown grace period runs out,
         so that every stream still open gets a final error event.
@@ -257,7 +261,7 @@ class AsyncEngine:
         if isinstance(command, _FailAll):
             for request_id in list(self._listeners):
                 self.engine.abort_request(request_id)
-            self._fail_all(command.message)
+            self._fail_all(command.message, ServerShutdownError)
             return
         if command.request_id not in self._listeners:
             return  # cancelled before it reached the engine
@@ -287,7 +291,7 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
         self.engine.shutdown()
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, error: type[EngineDeadError] = EngineDeadError) -> None:
         for request_id in list(self._listeners):
-            self._send(request_id, EngineDeadError(message))
+            self._send(request_id, error(message))
             self._listeners.pop(request_id, None)
