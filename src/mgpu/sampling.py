@@ -239,7 +239,8 @@ class Sampler:
         """Sample one token per row of ``logits`` (batch, vocab) float32.
 
         Rows with a NaN are failed without sampling. When the batched path raises, each row is
-        sampled on its own, so only the rows that fail alone get an error result.
+        sampled on its own, so only the rows that fail alone get an error result; the seeded
+        generators are rewound first, so the retried rows draw what they would have drawn.
         """
         bad = torch.isnan(logits).any(dim=-1).tolist()  # (batch,)
         good = [i for i, is_bad in enumerate(bad) if not is_bad]
@@ -249,9 +250,13 @@ class Sampler:
                 results[i] = SampleResult(0, error="the model produced NaN logits")
         if good:
             ids = [seq_ids[i] for i in good]
+            seeded = [st.generator for s in ids if (st := self.states.get(s)) and st.generator]
+            saved = [g.get_state() for g in seeded]
             try:
                 batch = self._sample_batch(ids, logits[good] if len(good) < len(bad) else logits)
             except Exception:
+                for generator, state in zip(seeded, saved, strict=True):
+                    generator.set_state(state)
                 pairs = zip(ids, good, strict=True)
                 batch = [self._sample_alone(s, logits[i : i + 1]) for s, i in pairs]
             for i, result in zip(good, batch, strict=True):
@@ -281,7 +286,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = self._sample(logits, params, [s.generator for s in states])
         results = []
-        for row, (token, p, state) in enumerate(zip(tokens, params, states, strict=True)):
+        for row, (token, p) in enumerate(zip(tokens, params, strict=True)):
             result = SampleResult(token)
             if p.logprobs is not None:
                 result.logprob = float(logprobs[row, token])
@@ -289,9 +294,11 @@ class Sampler:
                     top = logprobs[row].topk(min(p.logprobs, logprobs.shape[-1]))
                     pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
                     result.top_logprobs = list(pairs)
+            results.append(result)
+        # Only once nothing can raise any more: a retried row must not count its token twice.
+        for token, state in zip(tokens, states, strict=True):
             if state.counts is not None:
                 state.counts[token] += 1
-            results.append(result)
         return results
 
     @staticmethod

@@ -119,3 +119,21 @@ def test_a_failing_sequence_leaves_the_batch(monkeypatch: pytest.MonkeyPatch) ->
     alone = Sampler(16, CPU)
     alone.add(2, SamplingParams(temperature=0.7, seed=5, logprobs=2))
     assert results[2] == alone([2], logits[2:3])[0]
+
+
+def test_retried_rows_draw_what_they_would_have() -> None:
+    """Row 1 fails after row 0 has drawn from its seeded stream: the retry rewinds the stream, so
+    row 0 gets the token it gets without its failing neighbour, and its penalty counts once."""
+    logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    logits[1, 3] = math.inf  # softmax turns it into NaN: multinomial raises
+    params = SamplingParams(temperature=0.9, seed=11, presence_penalty=0.5)
+    sampler = Sampler(16, CPU)
+    sampler.add(0, params)
+    sampler.add(1, SamplingParams(temperature=0.9))
+    alone = Sampler(16, CPU)
+    alone.add(0, params)
+    for _ in range(3):
+        results = sampler([0, 1], logits)
+        assert results[1].error is not None and "sampling failed" in results[1].error
+        assert results[0] == alone([0], logits[:1])[0]
+    assert torch.equal(sampler.states[0].counts, alone.states[0].counts)
