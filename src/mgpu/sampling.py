@@ -32,7 +32,8 @@ MAX_LOGPROBS = 20
 #: ``repetition_penalty`` range: outside it, dividing a logit by the penalty overflows or flattens
 #: float32 logits past the point where the distribution means anything.
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
-#: Largest temperature: the logits are divided by it in float32.
+#: Largest temperature: beyond it the distribution is uniform to float32 precision for any
+#: usual logits, and infinity (or a value that overflows float32) would turn them into NaN.
 MAX_TEMPERATURE = 1e4
 #: Temperatures below this sample greedily (dividing by them would overflow float32 logits).
 GREEDY_TEMPERATURE = 1e-5
