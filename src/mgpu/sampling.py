@@ -225,36 +225,48 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size, self.device = vocab_size, device
         self.states: dict[int, _SeqState] = {}
+        self.failed: dict[int, str] = {}
         fault = os.environ.get(SAMPLER_FAULT_ENV)
         self._fault_seed = int(fault) if fault else None
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
-        """Start tracking a sequence (its generator and penalty counts)."""
-        self.states[seq_id] = _SeqState(params, self.vocab_size, self.device)
+        """Start tracking a sequence (its generator and penalty counts).
+
+        A sequence whose state cannot be made is remembered as failed: its rows get an error
+        result, and this call does not raise (it runs in the worker, for the whole batch).
+        """
+        try:
+            self.states[seq_id] = _SeqState(params, self.vocab_size, self.device)
+        except Exception as exc:
+            self.failed[seq_id] = f"cannot set up sampling: {type(exc).__name__}: {exc}"
 
     def remove(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence."""
         self.states.pop(seq_id, None)
+        self.failed.pop(seq_id, None)
 
     def __call__(self, seq_ids: list[int], logits: torch.Tensor) -> list[SampleResult]:
         """Sample one token per row of ``logits`` (batch, vocab) float32.
 
-        Rows with a NaN are failed without sampling. When the batched path raises, each row is
+        Rows with a NaN, and rows of a sequence whose state could not be set up, are failed
+        without sampling. When the batched path raises, each row is
         sampled on its own, so only the rows that fail alone get an error result; the seeded
         generators are rewound first, so the retried rows draw what they would have drawn.
         """
-        bad = torch.isnan(logits).any(dim=-1).tolist()  # (batch,)
-        good = [i for i, is_bad in enumerate(bad) if not is_bad]
+        has_nan = torch.isnan(logits).any(dim=-1).tolist()  # (batch,)
         results: list[SampleResult | None] = [None] * len(seq_ids)
-        for i, is_bad in enumerate(bad):
-            if is_bad:
-                results[i] = SampleResult(0, error="the model produced NaN logits")
+        for i, (seq_id, nan) in enumerate(zip(seq_ids, has_nan, strict=True)):
+            error = "the model produced NaN logits" if nan else self.failed.get(seq_id)
+            if error is not None:
+                results[i] = SampleResult(0, error=error)
+        good = [i for i, r in enumerate(results) if r is None]
         if good:
             ids = [seq_ids[i] for i in good]
             seeded = [st.generator for s in ids if (st := self.states.get(s)) and st.generator]
             saved = [g.get_state() for g in seeded]
+            rows = logits[good] if len(good) < len(seq_ids) else logits  # (good, vocab)
             try:
-                batch = self._sample_batch(ids, logits[good] if len(good) < len(bad) else logits)
+                batch = self._sample_batch(ids, rows)
             except Exception:
                 for generator, state in zip(seeded, saved, strict=True):
                     generator.set_state(state)

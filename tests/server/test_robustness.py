@@ -306,9 +306,30 @@ def _bound_case_body(body: Any) -> None:
         body["max_tokens"] = 4
 
 
+#: Explicit cases the fuzzer starts from: the values the sampler once could not take (a
+#: derandomised run of a few hundred cases does not reliably generate them on its own).
+EDGE_FIELDS: list[dict[str, Any]] = [
+    {"seed": 2**64},
+    {"seed": -(2**80), "temperature": 0.7},
+    {"top_k": 10**20, "temperature": 0.7},
+    {"top_p": 1e-46, "temperature": 0.7},
+    {"min_p": 1e-46, "temperature": 0.7},
+    {"temperature": 1e-40},
+    {"repetition_penalty": 0.01, "presence_penalty": -2, "frequency_penalty": 2},
+]
+
+
+def _edge_bodies(path: str) -> list[dict[str, Any]]:
+    if path == "/v1/completions":
+        base: dict[str, Any] = {"prompt": "a", "max_tokens": 4}
+    else:
+        base = {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 4}
+    return [{**base, **fields} for fields in EDGE_FIELDS]
+
+
 def test_schema_fuzzing(server: ServerProcess, reference: Reference) -> None:
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import HealthCheck, Phase, example, given, settings
     from schemathesis import GenerationMode
 
     spec = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
@@ -342,10 +363,14 @@ def test_schema_fuzzing(server: ServerProcess, reference: Reference) -> None:
                 if failed:
                     server_errors.append(f"{response.status_code} {case.body!r}: {response.text}")
 
+            if mode is GenerationMode.POSITIVE:
+                for body in _edge_bodies(path):
+                    case = operation.Case(body=body, media_type="application/json")
+                    fuzz = example(case=case)(fuzz)
             fuzz()
     statuses = dict(sorted(Counter(seen).items()))
     print(f"schema fuzzing: {len(seen)} requests {statuses}, {len(server_errors)} server errors")
-    assert len(seen) >= 300
+    assert len(seen) >= 300 + 2 * len(EDGE_FIELDS)
     assert not server_errors, server_errors[:3]
     assert "Traceback" not in server.log
     _assert_healthy(server, reference)

@@ -137,3 +137,17 @@ def test_retried_rows_draw_what_they_would_have() -> None:
         assert results[1].error is not None and "sampling failed" in results[1].error
         assert results[0] == alone([0], logits[:1])[0]
     assert torch.equal(sampler.states[0].counts, alone.states[0].counts)
+
+
+def test_a_sequence_that_cannot_be_added_fails_alone() -> None:
+    broken = SamplingParams(seed=1)
+    broken.seed = "not a number"  # type: ignore[assignment]  # past validation, as a bug would
+    sampler = Sampler(16, CPU)
+    sampler.add(0, SamplingParams(temperature=0))
+    sampler.add(1, broken)
+    logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    results = sampler([0, 1], logits)
+    assert results[1].error is not None and "cannot set up sampling" in results[1].error
+    assert results[0].error is None and results[0].token_id == int(logits[0].argmax())
+    sampler.remove(1)
+    assert not sampler.failed
