@@ -1,18 +1,45 @@
 """Sampling parameters (validated, vLLM-compatible names) and the batched sampler.
 
 The sampler runs on the one rank that returns tokens (TP rank 0 of the last pipeline stage) and
-keeps
-per-sequence state there: a seeded generator and the counts of generated tokens for the penalties.
-That state survives pre-emption, so a recomputed sequence continues its random stream and penalties.
+keeps per-sequence state there: a seeded generator and the counts of generated tokens for the
+penalties. That state survives pre-emption, so a recomputed sequence continues its random stream
+and penalties.
+
+Validation is against what the sampler computes, in float32, not only against OpenAI's documented
+ranges: a value the sampler cannot use fails its request with a :class:`SamplingParamsError`
+naming the field, and the sampler itself fails one sequence, never the batch (see
+:class:`SampleResult`'s ``error``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from mgpu.errors import MgpuError
+
+#: Seeds are taken modulo 2**64 (the range of torch's generators), so any integer is a valid seed.
+SEED_MODULUS = 2**64
+#: Most stop strings in one request, and the longest one (characters).
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+#: Most stop token ids in one request.
+MAX_STOP_TOKEN_IDS = 256
+#: Most alternatives ``logprobs`` may ask for at each position.
+MAX_LOGPROBS = 20
+#: ``repetition_penalty`` range: outside it, dividing a logit by the penalty overflows or flattens
+#: float32 logits past the point where the distribution means anything.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+#: Largest temperature: beyond it the distribution is uniform to float32 precision for any
+#: usual logits, and infinity (or a value that overflows float32) would turn them into NaN.
+MAX_TEMPERATURE = 1e4
+#: Temperatures below this sample greedily (dividing by them would overflow float32 logits).
+GREEDY_TEMPERATURE = 1e-5
+#: Test-only fault injection: when set in a worker's environment, sampling any sequence whose
+#: ``seed`` equals this value raises inside the sampler (see the server's failure-isolation tests).
+SAMPLER_FAULT_ENV = "MGPU_TEST_SAMPLER_FAULT"
 
 
 class SamplingParamsError(MgpuError, ValueError):
@@ -29,17 +56,19 @@ class SamplingParams:
 
     Attributes:
         n: completions per prompt.
-        temperature: 0 means greedy (argmax).
+        temperature: 0 (or anything below 1e-5) means greedy (argmax); at most 1e4.
         top_p: keep the smallest set of tokens whose probability reaches top_p (1 = all).
-        top_k: keep the k most likely tokens (0 or -1 = all).
+        top_k: keep the k most likely tokens (0 or -1 = all; more than the vocabulary = all).
         min_p: drop tokens less likely than min_p x the most likely one.
-        seed: seeds this request's own random stream (reproducible sampling).
+        seed: seeds this request's own random stream (reproducible sampling); any integer,
+            taken modulo 2**64.
         max_tokens: at most this many new tokens (None = up to the context length).
-        stop: strings that end the completion (not included in the text).
-        stop_token_ids: token ids that end the completion (besides EOS).
+        stop: strings that end the completion (not included in the text); at most 16, each at
+            most 256 characters of encodable (UTF-8) text.
+        stop_token_ids: token ids that end the completion (besides EOS); at most 256.
         ignore_eos: keep generating past EOS.
         presence_penalty, frequency_penalty: OpenAI penalties on already-generated tokens.
-        repetition_penalty: CTRL-style multiplicative penalty (1 = off).
+        repetition_penalty: CTRL-style multiplicative penalty (1 = off), in [0.01, 100].
         logprobs: return the log-probability of each sampled token and this many top alternatives.
         skip_special_tokens: leave special tokens out of the text.
     """
@@ -64,26 +93,64 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            ("n", self.n >= 1, "must be at least 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("n", _is_int(self.n) and self.n >= 1, "must be an integer of at least 1"),
+            (
+                "temperature",
+                0 <= self.temperature <= MAX_TEMPERATURE,
+                f"must be in [0, {MAX_TEMPERATURE:g}]",
+            ),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k >= -1, "must be -1, 0 (disabled) or a positive number"),
+            (
+                "top_k",
+                _is_int(self.top_k) and self.top_k >= -1,
+                "must be -1, 0 (disabled) or a positive number",
+            ),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
+            ("seed", self.seed is None or _is_int(self.seed), "must be an integer"),
+            (
+                "max_tokens",
+                self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+                "must be at least 1",
+            ),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            (
+                "repetition_penalty",
+                _within(self.repetition_penalty, *REPETITION_PENALTY_RANGE),
+                "must be in [{:g}, {:g}]".format(*REPETITION_PENALTY_RANGE),
+            ),
+            (
+                "logprobs",
+                self.logprobs is None
+                or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                f"must be in [0, {MAX_LOGPROBS}]",
+            ),
+            (
+                "stop",
+                len(self.stop) <= MAX_STOP_STRINGS,
+                f"must have at most {MAX_STOP_STRINGS} strings",
+            ),
+            (
+                "stop",
+                all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in self.stop),
+                f"must be non-empty strings of at most {MAX_STOP_LENGTH} characters",
+            ),
+            ("stop", all(is_encodable(s) for s in self.stop), "must be valid Unicode text"),
+            (
+                "stop_token_ids",
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+                and all(_is_int(t) for t in self.stop_token_ids),
+                f"must be at most {MAX_STOP_TOKEN_IDS} integers",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise SamplingParamsError(name, f"{name} {why}, got {getattr(self, name)!r}")
+                raise SamplingParamsError(name, f"{name} {why}, got {_shown(getattr(self, name))}")
 
     @property
     def is_greedy(self) -> bool:
         """Whether the token is the argmax (no randomness)."""
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -91,13 +158,43 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
+def _within(value: float, low: float, high: float) -> bool:
+    return low <= value <= high  # false for NaN
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_encodable(text: object) -> bool:
+    """Whether ``text`` is a string that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message: escaped, and cut short when it is long."""
+    text = ascii(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 @dataclass
 class SampleResult:
-    """One sampled token with its log-probability and the top alternatives when asked for."""
+    """One sampled token with its log-probability and the top alternatives when asked for.
+
+    ``error`` is set instead when this sequence could not be sampled (NaN logits, a sampler
+    failure): the engine then fails that sequence's request alone, and ``token_id`` is meaningless.
+    """
 
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None
 
 
 class _SeqState:
@@ -106,7 +203,7 @@ class _SeqState:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed)
+            self.generator.manual_seed(params.seed % SEED_MODULUS)
         self.counts = (
             torch.zeros(vocab_size, dtype=torch.int32, device=device)
             if params.has_penalties
@@ -115,24 +212,82 @@ class _SeqState:
 
 
 class Sampler:
-    """Turns the last-position logits of a batch of sequences into next tokens."""
+    """Turns the last-position logits of a batch of sequences into next tokens.
+
+    A sequence that cannot be sampled gets a result with ``error`` set; the others in the batch
+    are sampled as usual, so one request's failure never reaches the rest.
+
+    Args:
+        vocab_size: the model's vocabulary (logits may be padded beyond it).
+        device: where the logits and the per-sequence state live.
+    """
 
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size, self.device = vocab_size, device
         self.states: dict[int, _SeqState] = {}
+        self.failed: dict[int, str] = {}
+        fault = os.environ.get(SAMPLER_FAULT_ENV)
+        self._fault_seed = int(fault) if fault else None
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
-        """Start tracking a sequence (its generator and penalty counts)."""
-        self.states[seq_id] = _SeqState(params, self.vocab_size, self.device)
+        """Start tracking a sequence (its generator and penalty counts).
+
+        A sequence whose state cannot be made is remembered as failed: its rows get an error
+        result, and this call does not raise (it runs in the worker, for the whole batch).
+        """
+        try:
+            self.states[seq_id] = _SeqState(params, self.vocab_size, self.device)
+        except Exception as exc:
+            self.failed[seq_id] = f"cannot set up sampling: {type(exc).__name__}: {exc}"
 
     def remove(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence."""
         self.states.pop(seq_id, None)
+        self.failed.pop(seq_id, None)
 
     def __call__(self, seq_ids: list[int], logits: torch.Tensor) -> list[SampleResult]:
-        """Sample one token per row of ``logits`` (batch, vocab) float32."""
+        """Sample one token per row of ``logits`` (batch, vocab) float32.
+
+        Rows with a NaN, and rows of a sequence whose state could not be set up, are failed
+        without sampling. When the batched path raises, each row is
+        sampled on its own, so only the rows that fail alone get an error result; the seeded
+        generators are rewound first, so the retried rows draw what they would have drawn.
+        """
+        has_nan = torch.isnan(logits).any(dim=-1).tolist()  # (batch,)
+        results: list[SampleResult | None] = [None] * len(seq_ids)
+        for i, (seq_id, nan) in enumerate(zip(seq_ids, has_nan, strict=True)):
+            error = "the model produced NaN logits" if nan else self.failed.get(seq_id)
+            if error is not None:
+                results[i] = SampleResult(0, error=error)
+        good = [i for i, r in enumerate(results) if r is None]
+        if good:
+            ids = [seq_ids[i] for i in good]
+            seeded = [st.generator for s in ids if (st := self.states.get(s)) and st.generator]
+            saved = [g.get_state() for g in seeded]
+            rows = logits[good] if len(good) < len(seq_ids) else logits  # (good, vocab)
+            try:
+                batch = self._sample_batch(ids, rows)
+            except Exception:
+                for generator, state in zip(seeded, saved, strict=True):
+                    generator.set_state(state)
+                pairs = zip(ids, good, strict=True)
+                batch = [self._sample_alone(s, logits[i : i + 1]) for s, i in pairs]
+            for i, result in zip(good, batch, strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def _sample_alone(self, seq_id: int, logits: torch.Tensor) -> SampleResult:
+        """One sequence's token, or an error result saying why it could not be sampled."""
+        try:
+            return self._sample_batch([seq_id], logits)[0]
+        except Exception as exc:
+            return SampleResult(0, error=f"sampling failed: {type(exc).__name__}: {exc}")
+
+    def _sample_batch(self, seq_ids: list[int], logits: torch.Tensor) -> list[SampleResult]:
         states = [self.states[s] for s in seq_ids]
         params = [s.params for s in states]
+        if self._fault_seed is not None and any(p.seed == self._fault_seed for p in params):
+            raise RuntimeError(f"fault injected by {SAMPLER_FAULT_ENV}={self._fault_seed}")
         if all(p.is_greedy and not p.has_penalties and p.logprobs is None for p in params):
             return [SampleResult(int(t)) for t in logits.argmax(dim=-1).tolist()]
         logits = logits.clone()
@@ -144,17 +299,19 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = self._sample(logits, params, [s.generator for s in states])
         results = []
-        for row, (token, p, state) in enumerate(zip(tokens, params, states, strict=False)):
+        for row, (token, p) in enumerate(zip(tokens, params, strict=True)):
             result = SampleResult(token)
             if p.logprobs is not None:
                 result.logprob = float(logprobs[row, token])
                 if p.logprobs > 0:
-                    top = logprobs[row].topk(p.logprobs)
+                    top = logprobs[row].topk(min(p.logprobs, logprobs.shape[-1]))
                     pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
                     result.top_logprobs = list(pairs)
+            results.append(result)
+        # Only once nothing can raise any more: a retried row must not count its token twice.
+        for token, state in zip(tokens, states, strict=True):
             if state.counts is not None:
                 state.counts[token] += 1
-            results.append(result)
         return results
 
     @staticmethod
@@ -190,16 +347,20 @@ class Sampler:
 def _truncate(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Apply top-k, top-p and min-p to (R, vocab) probabilities; rows are renormalised."""
     vocab = probs.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=probs.device)
+    # A top_k beyond the vocabulary keeps every token (vLLM clamps it the same way).
+    top_k = torch.tensor(
+        [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=probs.device
+    )
     top_p = torch.tensor([p.top_p for p in params], device=probs.device)
     min_p = torch.tensor([p.min_p for p in params], device=probs.device)
     if bool((top_k < vocab).any() or (top_p < 1).any()):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=probs.device).unsqueeze(0)
-        # Mass strictly before each token: a token is kept while that mass is below top_p,
-        # so the most likely token always survives.
+        # Mass strictly before each token: a token is kept while that mass is below top_p. The
+        # most likely token always survives, also when top_p underflows to 0 in float32.
         before = sorted_p.cumsum(dim=-1) - sorted_p
         drop = (rank >= top_k.unsqueeze(1)) | (before >= top_p.unsqueeze(1))
+        drop[:, 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     if bool((min_p > 0).any()):

@@ -2,12 +2,15 @@
 
 Flags take vLLM's names, so a ``vllm serve`` command line works with the program name changed.
 Start-up loads the engine, prints what it did (layout per rank, KV-cache size, how many sequences
-fit at full context, the URL) and serves until SIGINT or SIGTERM, then stops the workers.
+fit at full context, the URL) and serves until SIGINT or SIGTERM. The signal starts a drain: new
+requests get 503, those in flight get ``--shutdown-timeout`` seconds to finish (then a final error
+event), and the workers stop (see :mod:`mgpu.server.lifecycle`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -44,6 +47,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted (413 above it)",
     )
     g.add_argument(
+        "--max-n",
+        type=int,
+        default=16,
+        help="most completions per request, for n and best_of (400 above it)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds SIGTERM waits for requests in flight before failing them",
+    )
+    g.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    g.add_argument(
+        "--timeout-request-read",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a whole request (headers and body) once connected",
+    )
+    g.add_argument(
         "--num-gpu-blocks-override",
         type=int,
         default=None,
@@ -63,15 +90,17 @@ def run_server(args: argparse.Namespace) -> int:
     Args:
         args: parsed ``serve`` flags (engine and server).
     """
-    import uvicorn
-
     from mgpu.cli import engine_kwargs
     from mgpu.engine.llm_engine import LLMEngine
     from mgpu.server.app import ServerConfig, build_app
     from mgpu.server.async_engine import AsyncEngine
+    from mgpu.server.lifecycle import serve
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    for flag in ("shutdown_timeout", "timeout_keep_alive", "timeout_request_read"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     sock = _bind(args.host, args.port)
     kwargs = {
         **engine_kwargs(args),
@@ -91,6 +120,7 @@ def run_server(args: argparse.Namespace) -> int:
             model_aliases=aliases,
             api_key=args.api_key or None,
             max_request_bytes=args.max_request_bytes,
+            max_n=args.max_n,
         )
     except ValueError as exc:
         engine.shutdown()
@@ -101,16 +131,20 @@ def run_server(args: argparse.Namespace) -> int:
         app = build_app(async_engine, config)
         url = _url(sock)
         _print_report(engine, config, url)
-        level = getattr(args, "log_level", "warning").lower()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                log_level=level,
-                access_log=level in ("debug", "info"),
-                timeout_graceful_shutdown=5,
+        if config.api_key is None and not _is_loopback(args.host):
+            print(
+                f"warning: --host {args.host} accepts connections from other machines and no "
+                f"--api-key is set: anyone who can reach this port can use the model",
+                file=sys.stderr,
+                flush=True,
             )
-        )
-        server.run(sockets=[sock])
+        settings = {
+            "log_level": getattr(args, "log_level", "warning").lower(),
+            "timeout_keep_alive": args.timeout_keep_alive,
+            "timeout_request_read": args.timeout_request_read,
+            "shutdown_timeout": args.shutdown_timeout,
+        }
+        serve(app, app.state.serving, sock, settings)
     finally:
         # The app already stopped the engine on a normal shutdown (before uvicorn re-raises the
         # SIGINT/SIGTERM that ended it); this covers failures on the way up.
@@ -137,6 +171,16 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _url(sock: socket.socket) -> str:
@@ -190,7 +234,7 @@ def _print_report(engine: Any, config: Any, url: str) -> None:
         f"{tokens / max_len:.2f}x",
         soft_wrap=True,
     )
-    auth = "API key required on /v1/*" if config.api_key else "no API key"
+    auth = "API key required on /v1/* and /docs" if config.api_key else "no API key"
     console.print(f"{auth}; request bodies up to {config.max_request_bytes} bytes", soft_wrap=True)
     # One plain line, never wrapped, for people and for scripts that wait for it.
     print(f"mgpu serve: listening on {url} (OpenAI API at {url}/v1)", flush=True)

@@ -363,6 +363,14 @@ def test_api_key(server_tp2: ServerProcess) -> None:
         assert response.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} {API_KEY}"}
+        assert httpx.get(f"{url}/v1/models", headers=headers, timeout=30).status_code == 200
+    # The API's description is guarded too; health and metrics stay open for probes.
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{url}{path}", timeout=30).status_code == 401
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        assert httpx.get(f"{url}{path}", headers=headers, timeout=30).status_code == 200
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
     assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
 

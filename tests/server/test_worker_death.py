@@ -1,5 +1,6 @@
-"""A worker killed under load: in-flight requests fail at once with an error, /health turns 503,
-new requests get 503, and SIGTERM still stops the server cleanly.
+"""A worker killed under load: in-flight requests fail within a second with an error, /health turns
+503 and names the dead rank, /metrics shows nothing running, new requests get 503, and SIGTERM
+still stops the server cleanly.
 
 This module has its own TP=2 server, since the test leaves it without a working engine. TP=2 is
 the hard case: the surviving rank is blocked in a collective waiting for the dead one.
@@ -66,17 +67,23 @@ def test_killed_worker_fails_requests_and_health(doomed_server: ServerProcess) -
     with pytest.raises(openai.APIError) as streamed:
         for _ in chunks:
             pass
+    first_error = time.monotonic() - killed_at
+    print(f"worker death to the first error: {first_error * 1000:.0f} ms")
     assert "engine stopped" in str(streamed.value)
+    # The requirement is 1 s; the margin is for a loaded test machine.
+    assert first_error < 1.5
     waiter.join(timeout=30)
     assert not waiter.is_alive()
     assert isinstance(outcome.get("error"), openai.InternalServerError)
     assert outcome["error"].status_code == 503
-    assert time.monotonic() - killed_at < 20
+    assert time.monotonic() - killed_at < 3
     response = httpx.get(f"{url}/health", timeout=10)
     assert response.status_code == 503
-    assert response.json()["status"] == "unhealthy" and response.json()["error"]
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'mgpu_engine_healthy{model_name="tiny-llama"} 0' in metrics
+    assert response.json()["status"] == "unhealthy"
+    assert "worker rank 1" in response.json()["error"]
+    metrics = doomed_server.metrics()
+    assert metrics["mgpu_engine_healthy"] == 0
+    assert metrics["mgpu_num_requests_running"] == 0 and metrics["mgpu_num_requests_waiting"] == 0
     with pytest.raises(openai.InternalServerError) as refused:
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=2)
     assert refused.value.status_code == 503

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -94,6 +95,7 @@ class Executor:
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
+        self._stopper: threading.Thread | None = None
         for rank in range(world):
             parent, child = ctx.Pipe(duplex=True)
             init = WorkerInit(
@@ -171,15 +173,27 @@ class Executor:
 
     def _fail_dead(self, rank: int) -> None:
         proc = self.procs[rank]
-        proc.join(timeout=2)
+        proc.join(timeout=0.2)  # a closed pipe comes just before the exit: wait for its code
         how = f"exit code {proc.exitcode}"
         if proc.exitcode is not None and proc.exitcode < 0:
             how = f"signal {signal.Signals(-proc.exitcode).name}"
         self._fail(f"worker rank {rank} (pid {proc.pid}) died ({how})")
 
     def _fail(self, message: str) -> None:
-        self.shutdown()
-        raise WorkerError(message + "; the engine has stopped all its workers")
+        # The engine is down: kill the survivors rather than ask them to stop (one blocked in a
+        # collective with the dead rank takes seconds), wait for them at most half a second,
+        # and leave the rest of the clean-up to a thread, so the caller fails its requests now.
+        if not self._closed:
+            self._closed = True
+            for proc in self.procs:
+                if proc.is_alive():
+                    proc.kill()
+            deadline = time.monotonic() + 0.5
+            for proc in self.procs:
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            self._stopper = threading.Thread(target=self._stop_workers, name="mgpu-stop-workers")
+            self._stopper.start()
+        raise WorkerError(message + "; the engine is stopping all its workers")
 
     def _send(self, ranks: range | list[int], method: str, args: tuple, reply: bool) -> None:
         if self._closed:
@@ -202,10 +216,16 @@ class Executor:
         return self._collect([self.output_rank])[0]
 
     def shutdown(self) -> None:
-        """Stop every worker: politely, then by force. Safe to call twice."""
+        """Stop every worker: politely, then by force. Safe to call twice; returns once they are
+        all gone (also when a failure started stopping them in the background)."""
         if self._closed:
+            if self._stopper is not None:
+                self._stopper.join()
             return
         self._closed = True
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
         for conn in self.conns:
             with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(("shutdown", (), False))

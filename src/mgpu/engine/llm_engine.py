@@ -287,14 +287,7 @@ class LLMEngine:
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template, ready to answer."""
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
-            )
-        except Exception as exc:  # jinja errors, a tokenizer without a template
-            raise PromptError(f"cannot apply the model's chat template: {exc}") from None
-        # transformers 5 returns a BatchEncoding (a Mapping), older versions a list.
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+        return render_chat(self.tokenizer, messages)
 
     def check_prompt(self, prompt_token_ids: list[int], max_tokens: int | None) -> int:
         """Validate a prompt; returns the effective ``max_tokens`` (capped by the context)."""
@@ -400,7 +393,7 @@ class LLMEngine:
                     continue
                 if req.first_token_time is None:
                     req.first_token_time = now
-                self._append(seq, result)
+                self._append_or_fail(seq, result)
                 touched[req.request_id] = req
             outputs = [self._output(req) for req in touched.values()]
             for out in outputs:
@@ -420,6 +413,21 @@ class LLMEngine:
             return
         outputs_part = max(0, min(end, seq.num_tokens - 1) - max(start, prompt))
         self.stats.recomputed_tokens_total += prompt_part + outputs_part
+
+    def _append_or_fail(self, seq: Sequence, result: SampleResult) -> None:
+        """Append a sampled token; a sequence that could not be sampled or detokenised finishes
+        with ``finish_reason="error"`` and the reason in ``stop_reason``, and only its request
+        fails (the server answers it with a 500)."""
+        error = result.error
+        if error is None:
+            try:
+                self._append(seq, result)
+            except Exception as exc:
+                logger.exception("request %s failed after sampling", seq.request_id)
+                error = f"detokenizing the output failed: {type(exc).__name__}: {exc}"
+        if error is not None:
+            seq.finish("error", error)
+            self._release(seq)
 
     def _append(self, seq: Sequence, result: SampleResult) -> None:
         token = result.token_id
@@ -518,6 +526,21 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the workers."""
         self.executor.shutdown()
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered by ``tokenizer``'s chat template, ready to answer.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer, used only by the calling thread.
+        messages: ``{"role", "content"}`` dicts.
+    """
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # jinja errors, a tokenizer without a template
+        raise PromptError(f"cannot apply the model's chat template: {exc}") from None
+    # transformers 5 returns a BatchEncoding (a Mapping), older versions a list.
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
 
 def _pending_stop_prefix(text: str, stops: list[str]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
 import time
@@ -25,9 +26,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mgpu import __version__
-from mgpu.engine.llm_engine import CompletionOutput, PromptError, RequestOutput
+from mgpu.engine.llm_engine import CompletionOutput, PromptError, RequestOutput, render_chat
 from mgpu.sampling import SampleResult, SamplingParams, SamplingParamsError
-from mgpu.server.async_engine import AsyncEngine, EngineDeadError
+from mgpu.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    RequestFailedError,
+    ServerShutdownError,
+)
 from mgpu.server.errors import APIError, install_error_handlers, logger
 from mgpu.server.metrics import Metrics
 from mgpu.server.protocol import (
@@ -48,6 +54,7 @@ from mgpu.server.protocol import (
     ModelList,
     TopLogprob,
     UsageInfo,
+    unencodable_field,
 )
 
 T = TypeVar("T")
@@ -60,14 +67,18 @@ class ServerConfig:
     Attributes:
         served_model_name: the name clients put in ``model`` and see in ``/v1/models``.
         model_aliases: other names accepted in ``model`` (e.g. the ``--model`` path).
-        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        api_key: when set, ``/v1/*`` and the API docs (``/docs``, ``/redoc``,
+            ``/openapi.json``) require ``Authorization: Bearer <api_key>``; ``/health``,
+            ``/version`` and ``/metrics`` stay open.
         max_request_bytes: largest request body accepted (413 above it).
+        max_n: most completions one request may ask for (``n`` and ``best_of``; 400 above it).
     """
 
     served_model_name: str
     model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_request_bytes: int = 1 << 20
+    max_n: int = 16
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -76,6 +87,8 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset for no authentication)")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
 
 
 @dataclass
@@ -158,13 +171,18 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine = engine
         self.config = config
-        self.tokenizer = engine.engine.tokenizer
+        # One owner per tokenizer object (a `tokenizers` object used by two threads at once
+        # fails with "Already borrowed"): the engine thread keeps the engine's own, the one
+        # tokenize thread owns `_encoder` (prompts, chat templates), and the event loop owns
+        # `tokenizer` (decoding single tokens for logprobs, prompts for echo).
+        self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
+        self._encoder = copy.deepcopy(engine.engine.tokenizer)
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="mgpu-tokenize")
         self.max_model_len = engine.engine.scheduler_config.max_model_len
         self.metrics = Metrics(engine.engine, config.served_model_name)
-        # One thread: tokenisation leaves the event loop, and the tokenizer is never entered
-        # by two request threads at once.
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="mgpu-tokenize")
         self._token_text: dict[int, str] = {}
+        #: Set when the server starts shutting down: new requests get 503 from then on.
+        self.draining = False
 
     def close(self) -> None:
         """Stop the tokenizer thread."""
@@ -185,7 +203,9 @@ class OpenAIServing:
             )
 
     def check_healthy(self) -> None:
-        """503 once the engine has stopped."""
+        """503 once the engine has stopped or the server is shutting down."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="server_shutting_down")
         if not self.engine.is_healthy:
             raise APIError(
                 503,
@@ -211,23 +231,45 @@ class OpenAIServing:
             code = "context_length_exceeded" if n >= limit else None
             raise APIError(400, str(exc), param=param, code=code) from None
 
-    @staticmethod
-    def sampling_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
-        """The request's sampling parameters; 400 naming the field when one is out of range."""
+    def sampling_params(self, request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """The request's sampling parameters; 400 naming the field when one is out of range.
+
+        Text fields are checked first: a lone surrogate cannot reach the tokenizer.
+        """
+        bad = unencodable_field(request)
+        if bad is not None:
+            raise APIError(400, f"'{bad}' is not valid Unicode text (a lone surrogate?)", param=bad)
         try:
-            return request.sampling_params()
+            params = request.sampling_params()
         except SamplingParamsError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        limit = self.config.max_n
+        best_of = getattr(request, "best_of", None)
+        for name, value in (("n", params.n), ("best_of", best_of)):
+            if value is not None and value > limit:
+                raise APIError(
+                    400, f"{name} must be at most {limit} (the server's --max-n)", param=name
+                )
+        if best_of is not None and best_of != params.n:
+            raise APIError(
+                400, "best_of other than n is not supported (leave it unset)", param="best_of"
+            )
+        return params
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     def _tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text).input_ids)
+        try:
+            return list(self._encoder(text).input_ids)
+        except Exception as exc:  # the tokenizer failed on this text: this request's problem
+            logger.error("tokenizing a prompt failed", exc_info=exc)
+            message = f"tokenizing the prompt failed: {type(exc).__name__}: {exc}"
+            raise APIError(500, message, param="prompt", code="request_failed") from None
 
     def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         try:
-            return self.engine.engine.chat_prompt_ids(messages)
+            return render_chat(self._encoder, messages)
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from None
 
@@ -537,7 +579,8 @@ class OpenAIServing:
         return ModelList(data=[card])
 
     def health(self) -> JSONResponse:
-        """``GET /health``: 200 while every worker is alive, 503 otherwise."""
+        """``GET /health``: 200 while every worker is alive and the server is not shutting down,
+        503 otherwise; ``error`` then says why (a dead worker's message names its rank)."""
         executor = self.engine.engine.executor
         body: dict[str, Any] = {
             "status": "ok" if self.engine.is_healthy else "unhealthy",
@@ -547,6 +590,10 @@ class OpenAIServing:
         }
         if not self.engine.is_healthy:
             body["error"] = self.engine.error or "a worker process died"
+            return JSONResponse(body, status_code=503)
+        if self.draining:
+            body["status"] = "draining"
+            body["error"] = "the server is shutting down"
             return JSONResponse(body, status_code=503)
         return JSONResponse(body)
 
@@ -608,8 +655,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
+#: Paths besides ``/v1/*`` that ``--api-key`` guards: the API's own description.
+GUARDED_DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _bearer_matches(header: bytes, key: bytes) -> bool:
+    """Whether an ``Authorization`` header is ``Bearer <key>``; the scheme is case-insensitive
+    (RFC 9110), the key is compared in constant time."""
+    scheme, _, token = header.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
 class _GuardMiddleware:
-    """Checks the API key on ``/v1/*`` and caps the body size, before any parsing.
+    """Checks the API key on ``/v1/*`` and the docs, and caps the body size, before any parsing.
 
     The body is read here, whole, so a client cannot make the server buffer more than
     ``max_request_bytes``; the application then receives it as usual.
@@ -618,23 +676,27 @@ class _GuardMiddleware:
     def __init__(self, app: ASGIApp, config: ServerConfig):
         self.app = app
         self.limit = config.max_request_bytes
-        self.expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self.expected = config.api_key.encode() if config.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"].startswith("/v1"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = APIError(
-                    401,
-                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-                await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
-                return
+        path = scope["path"]
+        guarded = path.startswith("/v1") or path in GUARDED_DOCS
+        if (
+            self.expected is not None
+            and guarded
+            and not _bearer_matches(headers.get(b"authorization", b""), self.expected)
+        ):
+            error = APIError(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+            await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
         too_large = APIError(
             413,
             f"the request body is larger than the server's limit of {self.limit} bytes",
@@ -750,8 +812,13 @@ def _api_error(exc: Exception) -> APIError:
     """The OpenAI-shaped error for an exception raised while generating."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ServerShutdownError):
+        return APIError(503, str(exc), code="server_shutting_down")
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine stopped: {exc}", code="engine_unavailable")
+    if isinstance(exc, RequestFailedError):
+        logger.error("request failed in the engine: %s", exc)
+        return APIError(500, f"the request failed: {exc}", code="request_failed")
     if isinstance(exc, SamplingParamsError):
         return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, PromptError):

@@ -10,8 +10,15 @@
 
 Every engine call happens on the engine thread, in the order it was submitted, so an abort can
 never overtake the add it cancels and the HTTP event loop never waits for a step. The thread sleeps
-while there is no work. When a step raises (a worker died), every in-flight request fails with
-:class:`EngineDeadError` at once and the engine stays down: a server in that state answers 503.
+while there is no work.
+
+Two kinds of failure, kept apart:
+
+- one request's own (it could not be sampled or detokenised, its output finished with
+  ``finish_reason="error"``): that request alone fails with :class:`RequestFailedError`;
+- the engine's (a worker died, a collective failed): every in-flight request fails with
+  :class:`EngineDeadError` at once, the engine forgets them (``/metrics`` shows nothing running)
+  and stays down: a server in that state answers 503.
 """
 
 from __future__ import annotations
@@ -41,6 +48,21 @@ class EngineDeadError(MgpuError):
     """The engine has stopped (a worker died, or the server is shutting down)."""
 
 
+class ServerShutdownError(EngineDeadError):
+    """The server is shutting down and its grace period ran out before this request finished."""
+
+
+class RequestFailedError(MgpuError):
+    """This request failed on its own (sampling or detokenising it raised); the engine runs on."""
+
+
+def _check_failed(out: RequestOutput) -> None:
+    """Raise :class:`RequestFailedError` when a completion of ``out`` finished with an error."""
+    for c in out.outputs:
+        if c.finish_reason == "error":
+            raise RequestFailedError(str(c.stop_reason or "the request failed in the engine"))
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -51,6 +73,11 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _FailAll:
+    message: str
 
 
 class AsyncEngine:
@@ -64,7 +91,7 @@ class AsyncEngine:
         self.engine = engine
         self.error: str | None = None
         self._cond = threading.Condition()
-        self._commands: deque[_Add | _Abort] = deque()
+        self._commands: deque[_Add | _Abort | _FailAll] = deque()
         self._listeners: dict[str, Deliver] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mgpu-engine", daemon=True)
@@ -112,6 +139,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                _check_failed(item)
                 finished = item.finished
                 yield item
         finally:
@@ -136,6 +164,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                _check_failed(item)
                 finished = item.finished
                 yield item
         finally:
@@ -159,7 +188,18 @@ class AsyncEngine:
         if not finished:
             self._submit(_Abort(request_id))
 
-    def _submit(self, command: _Add | _Abort) -> None:
+    def fail_all_requests(self, message: str) -> None:
+        """Abort every request in flight and fail each with :class:`ServerShutdownError`.
+
+        The engine keeps running; the server calls this when its shutdown grace period runs out,
+        so that every stream still open gets a final error event.
+
+        Args:
+            message: why, for the clients.
+        """
+        self._submit(_FailAll(message))
+
+    def _submit(self, command: _Add | _Abort | _FailAll) -> None:
         with self._cond:
             self._commands.append(command)
             self._cond.notify()
@@ -214,9 +254,14 @@ class AsyncEngine:
             for out in outputs:
                 self._send(out.request_id, out)
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _FailAll) -> None:
         if isinstance(command, _Abort):
             self.engine.abort_request(command.request_id)
+            return
+        if isinstance(command, _FailAll):
+            for request_id in list(self._listeners):
+                self.engine.abort_request(request_id)
+            self._fail_all(command.message, ServerShutdownError)
             return
         if command.request_id not in self._listeners:
             return  # cancelled before it reached the engine
@@ -239,10 +284,14 @@ class AsyncEngine:
     def _die(self, message: str) -> None:
         self.error = message
         logger.error("%s; failing every request in flight", message)
+        in_flight = list(self._listeners)
         self._fail_all(message)
+        # Forget them in the scheduler too (no worker is called), so /metrics is not stale.
+        for request_id in in_flight:
+            self.engine.abort_request(request_id)
         self.engine.shutdown()
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, error: type[EngineDeadError] = EngineDeadError) -> None:
         for request_id in list(self._listeners):
-            self._send(request_id, EngineDeadError(message))
+            self._send(request_id, error(message))
             self._listeners.pop(request_id, None)

@@ -6,6 +6,7 @@ traceback. Unexpected exceptions are logged here, in full, and answered with a p
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -57,7 +58,15 @@ class APIError(Exception):
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         """The HTTP response."""
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return _AsciiJSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message may quote a client's text, and a
+    lone surrogate in it would make the UTF-8 encoding of the default response fail (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:

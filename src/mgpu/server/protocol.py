@@ -2,7 +2,9 @@
 
 Requests ignore fields they do not know, as OpenAI's own server does for forward compatibility.
 Range checks on sampling fields are left to :class:`~mgpu.sampling.SamplingParams`, so the server
-and the offline API accept exactly the same values; this module checks types and shapes only.
+and the offline API accept exactly the same values; this module checks types and shapes, the
+fields only the protocol has (``top_logprobs``), and that text can be encoded
+(:func:`unencodable_field`). The server adds its own limits (``--max-n``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import (
     model_serializer,
 )
 
-from mgpu.sampling import SamplingParams
+from mgpu.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError, is_encodable
 
 
 class _Request(BaseModel):
@@ -86,6 +88,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None
 
     def sampling_params(self) -> SamplingParams:
         """The engine's parameters for this request (raises SamplingParamsError)."""
@@ -126,6 +129,14 @@ class ChatCompletionRequest(_SamplingFields):
     def sampling_params(self) -> SamplingParams:
         """The engine's parameters for this request (raises SamplingParamsError)."""
         top = None
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise SamplingParamsError("top_logprobs", "top_logprobs needs logprobs: true")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise SamplingParamsError(
+                    "top_logprobs",
+                    f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                )
         if self.logprobs:
             top = self.top_logprobs or 0
         max_tokens = self.max_completion_tokens
@@ -136,6 +147,37 @@ class ChatCompletionRequest(_SamplingFields):
     def chat_messages(self) -> list[dict[str, str]]:
         """The conversation as plain dicts for ``apply_chat_template``."""
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def unencodable_field(request: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The first text field of ``request`` that UTF-8 cannot encode (a lone surrogate, which JSON
+    allows as ``"\\ud800"``), as the path a client sent it under; None when all are fine.
+
+    Args:
+        request: a parsed request.
+    """
+    fields: list[tuple[str, str]] = []
+    if isinstance(request, CompletionRequest):
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            fields.append(("prompt", prompt))
+        elif prompt and isinstance(prompt[0], str):
+            fields += [(f"prompt[{i}]", p) for i, p in enumerate(prompt) if isinstance(p, str)]
+    else:
+        for i, m in enumerate(request.messages):
+            fields.append((f"messages[{i}].content", m.text()))
+            if m.name is not None:
+                fields.append((f"messages[{i}].name", m.name))
+    stop = request.stop
+    if isinstance(stop, str):
+        fields.append(("stop", stop))
+    elif stop:
+        fields += [(f"stop[{i}]", s) for i, s in enumerate(stop)]
+    for name in ("model", "user"):
+        value = getattr(request, name)
+        if value is not None:
+            fields.append((name, value))
+    return next((name for name, text in fields if not is_encodable(text)), None)
 
 
 # ---- responses -----------------------------------------------------------------------------------
