@@ -1,4 +1,4 @@
-"""Rotary position embedding (rotate-half form of HF Llama/Mistral/Qwen2), llama3 scaling."""
+"""Rotary position embedding (rotate-half form of HF Llama/Qwen/Gemma); llama3, linear scaling."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from mgpu.config import RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,), float32, with Llama 3.1's long-context rescaling."""
+    """Inverse frequencies (head_dim / 2,), float32, with Llama 3.1's or linear rescaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None or scaling.rope_type != "llama3":
+    if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+        return inv_freq / scaling.factor
     # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and a smooth ramp
     # between.
     old_len = scaling.original_max_position_embeddings
