@@ -356,6 +356,12 @@ class ParallelConfig:
                 f"--enable-expert-parallel places experts on ranks, but {model.architecture} is a "
                 "dense model without experts"
             )
+        if model.is_moe and not self.enable_expert_parallel and model.intermediate_size % tp:
+            raise ConfigError(
+                f"tensor parallel size {tp} does not divide the expert width "
+                f"{model.intermediate_size}; --enable-expert-parallel places whole experts on "
+                "ranks instead"
+            )
         pp = self.pipeline_parallel_size
         if pp > model.num_hidden_layers:
             raise ConfigError(

@@ -224,3 +224,10 @@ def test_expert_parallel_refuses_a_dense_model(tmp_path: Path) -> None:
     config = ModelConfig.from_file(make_model(tmp_path, "qwen3"))
     with pytest.raises(ConfigError, match="dense model without experts"):
         ParallelConfig(2, 1, None, enable_expert_parallel=True).check_model(config)
+
+
+def test_expert_width_that_tp_cannot_slice_needs_expert_parallel(tmp_path: Path) -> None:
+    config = ModelConfig.from_file(make_model(tmp_path, "mixtral", intermediate_size=100))
+    with pytest.raises(ConfigError, match="--enable-expert-parallel places whole experts"):
+        ParallelConfig(8, 1).check_model(config)
+    ParallelConfig(8, 1, None, enable_expert_parallel=True).check_model(config)

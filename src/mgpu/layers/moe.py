@@ -11,7 +11,11 @@ Either way attention has left every token's hidden state on every rank of the gr
 all-reduce), so the router runs on every rank and the dispatch needs no communication: each rank
 picks the (token, expert) pairs of the experts it holds. The combine is one all-reduce of the
 (tokens, hidden) output, summing partial products (tensor parallel) or whole experts' outputs
-(expert parallel): the same single collective as a dense MLP's down_proj.
+(expert parallel): the same single collective as a dense MLP's down_proj. This is what vLLM does
+when expert parallelism spans the TP group alone; an all-to-all only pays when attention is data
+parallel and each rank starts with different tokens. The ranks agree on the routing because the
+all-reduce leaves bit-identical hidden states on all of them (``distributed/shm.py`` sums the parts
+in one order on every rank; gloo and NCCL return one result to all).
 
 Routing is computed once per layer for the whole step: the (token, expert) pairs are sorted by
 expert, and each local expert runs one pair of matmuls over all of its tokens (a loop over experts,
