@@ -129,3 +129,16 @@ def test_pipeline_layouts_match_transformers(qwen_four_layers, tp: int, pp: int,
         ranges = [r.layer_range for r in llm.engine.rank_reports]
     expected = split or {2: (2, 2), 3: (2, 1, 1)}[pp]
     assert [b - a for a, b in ranges[::tp]] == list(expected)
+
+
+@pytest.mark.parametrize("reference", ["gemma2", "gemma3", "mixtral"], indirect=True)
+def test_chunked_prefill_matches_transformers(reference) -> None:
+    """Prompts prefilled 16 tokens a step: the later chunks attend to the cache through the
+    sliding window (Gemma) and route each chunk's tokens afresh (Mixtral)."""
+    path, _, ref_greedy, _ = reference
+    with LLM(
+        str(path), device="cpu", dtype="float32", num_blocks=64, max_num_batched_tokens=16
+    ) as llm:
+        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref_greedy
