@@ -42,7 +42,7 @@ LAYOUTS = {
     "gemma2": _DENSE,
     "gemma3": _DENSE,
     "mixtral": _MOE,
-    "qwen3_moe": _MOE,
+    "qwen3_moe": [*_MOE, (2, 2, True)],
 }
 CASES = [
     pytest.param(arch, layout, id=f"{arch}-tp{layout[0]}-pp{layout[1]}{'-ep' * layout[2]}")
