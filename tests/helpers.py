@@ -20,7 +20,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-#: Architecture-specific config fields: a Llama-3-style, a Mistral-style and a Qwen2-style model.
+#: Architecture-specific config fields of each family's tiny test model.
 ARCHS: dict[str, dict[str, Any]] = {
     "llama3": {
         "architectures": ["LlamaForCausalLM"],
@@ -48,6 +48,56 @@ ARCHS: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
         "tie_word_embeddings": True,
         "use_sliding_window": False,
+    },
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+    },
+    # A window shorter than the test prompts, soft-caps low enough to bend the scores.
+    "gemma2": {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "head_dim": 16,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 20.0,
+        "tie_word_embeddings": True,
+    },
+    "gemma3": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 24,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "tie_word_embeddings": True,
+    },
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "rope_theta": 1000000.0,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "tie_word_embeddings": False,
+    },
+    # Experts narrower than the dense MLP of layer 1, top-k weights not renormalised.
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "rope_theta": 1000000.0,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "mlp_only_layers": [1],
+        "norm_topk_prob": False,
+        "tie_word_embeddings": False,
     },
 }
 
@@ -94,7 +144,7 @@ def make_model(
 
     Args:
         path: output directory (created).
-        arch: ``llama3``, ``mistral`` or ``qwen2``.
+        arch: a key of ``ARCHS`` (``llama3``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ...).
         seed: weight initialisation seed.
         dtype: dtype the weights are saved in.
         **overrides: config fields (``num_key_value_heads``, ``vocab_size``, ...).

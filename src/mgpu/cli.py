@@ -27,6 +27,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="layers per pipeline stage, e.g. 20,12 (default: even)",
     )
+    g.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="MoE models: place whole experts on the TP ranks instead of slicing every expert",
+    )
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
     g.add_argument(
         "--dtype",
@@ -75,6 +80,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "layer_split": split,
+        "enable_expert_parallel": args.enable_expert_parallel,
         "device": args.device,
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,

@@ -8,6 +8,7 @@ how the engine runs it. Each field's docstring (the ``help`` metadata) doubles a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -48,13 +49,14 @@ def parse_dtype(name: str | torch.dtype, default: torch.dtype = torch.float32) -
         ) from None
 
 
-def _help(text: str) -> Any:
-    return field(metadata={"help": text})
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling from ``config.json`` (only the ``llama3`` type changes the maths)."""
+    """RoPE frequency scaling from ``config.json``: ``llama3`` (Llama 3.1's long-context ramp) or
+    ``linear`` (positions divided by ``factor``, as Gemma 3's global layers use)."""
 
     rope_type: str = "default"
     factor: float = 1.0
@@ -70,9 +72,9 @@ class RopeScaling:
         rope_type = raw.get("rope_type", raw.get("type", "default"))
         if rope_type == "default":
             return None
-        if rope_type != "llama3":
+        if rope_type not in ("llama3", "linear"):
             raise ConfigError(
-                f"rope_scaling type {rope_type!r} is not supported (supported: llama3)"
+                f"rope_scaling type {rope_type!r} is not supported (supported: llama3, linear)"
             )
         return cls(
             rope_type=rope_type,
@@ -108,6 +110,39 @@ class ModelConfig:
     bos_token_id: int | None = _help("Beginning-of-sequence token id.")
     eos_token_ids: tuple[int, ...] = _help("End-of-sequence token ids.")
     sliding_window: int | None = _help("Sliding-window attention width, if the model uses one.")
+    hidden_act: str = _help("MLP activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU).", "silu")
+    layer_types: tuple[str, ...] = _help(
+        "Attention of each layer, sliding_attention or full_attention, when they differ (Gemma); "
+        "empty when every layer uses sliding_window (or none does).",
+        (),
+    )
+    rope_local_theta: float | None = _help(
+        "RoPE base of the sliding-window layers when it differs from rope_theta (Gemma 3).", None
+    )
+    query_pre_attn_scalar: float | None = _help(
+        "Attention scores are scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 "
+        "(Gemma).",
+        None,
+    )
+    attn_logit_softcapping: float | None = _help(
+        "Attention scores become cap * tanh(score / cap) before the softmax (Gemma 2).", None
+    )
+    final_logit_softcapping: float | None = _help(
+        "Output logits become cap * tanh(logit / cap) (Gemma 2).", None
+    )
+    norm_topk_prob: bool = _help(
+        "MoE: the top-k routing weights are renormalised to sum to 1 (Mixtral always; Qwen3-MoE "
+        "as its config says).",
+        True,
+    )
+    dense_mlp_layers: tuple[int, ...] = _help(
+        "MoE: layers whose MLP is dense instead of experts (Qwen3-MoE mlp_only_layers and "
+        "decoder_sparse_step).",
+        (),
+    )
+    dense_intermediate_size: int = _help(
+        "MoE: width of the dense MLP of the layers in dense_mlp_layers.", 0
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -134,6 +169,20 @@ class ModelConfig:
         """Whether the MLP is a mixture of experts."""
         return self.num_local_experts > 0
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has experts (not a dense MLP)."""
+        return self.is_moe and layer not in self.dense_mlp_layers
+
+    def attention_type(self, layer: int) -> str:
+        """``sliding_attention`` or ``full_attention`` for decoder layer ``layer``."""
+        if self.layer_types:
+            return self.layer_types[layer]
+        return "full_attention" if self.sliding_window is None else "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding-window width of decoder layer ``layer`` (None: it attends to everything)."""
+        return self.sliding_window if self.attention_type(layer) == "sliding_attention" else None
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from the parsed ``config.json`` of a Hugging Face model."""
@@ -146,14 +195,28 @@ class ModelConfig:
             # transformers >= 5 writes `rope_parameters` (theta inside); hub checkpoints written by
             # earlier versions have `rope_theta` and `rope_scaling`. Both are read.
             rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+            local_theta = raw.get("rope_local_base_freq")
+            if "full_attention" in rope:  # one RoPE per attention type (Gemma 3, transformers 5)
+                local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", local_theta)
+                rope = rope["full_attention"] or {}
             theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
             use_sliding = raw.get("use_sliding_window", True)
             window = raw.get("sliding_window") if use_sliding else None
+            layers = int(raw["num_hidden_layers"])
+            experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+            inter = int(raw["intermediate_size"])
+            step = int(raw.get("decoder_sparse_step") or 1)
+            only_dense = set(raw.get("mlp_only_layers") or [])
+            dense_layers = tuple(
+                i for i in range(layers) if experts and (i in only_dense or (i + 1) % step)
+            )
             return cls(
                 architecture=str(archs[0]),
                 hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
+                intermediate_size=int(raw.get("moe_intermediate_size") or inter)
+                if experts
+                else inter,
+                num_hidden_layers=layers,
                 num_attention_heads=heads,
                 num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
                 vocab_size=int(raw["vocab_size"]),
@@ -166,11 +229,20 @@ class ModelConfig:
                 attention_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
                 torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
-                num_local_experts=int(raw.get("num_local_experts", 0) or 0),
+                num_local_experts=experts,
                 num_experts_per_tok=int(raw.get("num_experts_per_tok", 0) or 0),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 sliding_window=int(window) if window else None,
+                hidden_act=str(raw.get("hidden_activation") or raw.get("hidden_act") or "silu"),
+                layer_types=_layer_types(raw, layers) if window else (),
+                rope_local_theta=float(local_theta) if local_theta else None,
+                query_pre_attn_scalar=_optional_float(raw.get("query_pre_attn_scalar")),
+                attn_logit_softcapping=_optional_float(raw.get("attn_logit_softcapping")),
+                final_logit_softcapping=_optional_float(raw.get("final_logit_softcapping")),
+                norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+                dense_mlp_layers=dense_layers,
+                dense_intermediate_size=inter if dense_layers else 0,
             )
         except KeyError as exc:
             raise ConfigError(f"config.json is missing the field {exc.args[0]!r}") from None
@@ -181,6 +253,35 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> ModelConfig:
         """Read ``config.json`` (or a model directory containing it)."""
         return cls.from_dict(read_config_json(path))
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _layer_types(raw: dict[str, Any], num_layers: int) -> tuple[str, ...]:
+    """Per-layer attention types of a model with a sliding window; empty when all layers slide.
+
+    transformers >= 5 writes ``layer_types``; older Gemma configs give a pattern instead: Gemma 2
+    alternates (even layers slide), Gemma 3 makes every ``sliding_window_pattern``-th layer global.
+    """
+    types = raw.get("layer_types")
+    if types is None:
+        pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern")
+        if raw.get("model_type") == "gemma2":
+            pattern = 2
+        if not pattern:
+            return ()
+        types = [
+            "sliding_attention" if (i + 1) % int(pattern) else "full_attention"
+            for i in range(num_layers)
+        ]
+    if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ConfigError(
+            f"config.json: layer_types must list sliding_attention or full_attention for each of "
+            f"the {num_layers} layers, got {types}"
+        )
+    return () if set(types) == {"sliding_attention"} else tuple(types)
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -215,6 +316,9 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     layer_split: tuple[int, ...] | None = None
+    #: MoE models: place whole experts on the ranks of the TP group instead of slicing each
+    #: expert over them (vLLM's --enable-expert-parallel; see mgpu.layers.moe).
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -246,6 +350,17 @@ class ParallelConfig:
                 f"{model.num_attention_heads} attention heads / "
                 f"{model.num_key_value_heads} KV heads; "
                 f"sizes that work: {', '.join(map(str, valid))}"
+            )
+        if self.enable_expert_parallel and not model.is_moe:
+            raise ConfigError(
+                f"--enable-expert-parallel places experts on ranks, but {model.architecture} is a "
+                "dense model without experts"
+            )
+        if model.is_moe and not self.enable_expert_parallel and model.intermediate_size % tp:
+            raise ConfigError(
+                f"tensor parallel size {tp} does not divide the expert width "
+                f"{model.intermediate_size}; --enable-expert-parallel places whole experts on "
+                "ranks instead"
             )
         pp = self.pipeline_parallel_size
         if pp > model.num_hidden_layers:

@@ -116,6 +116,7 @@ class LLMEngine:
         tensor_parallel_size: ranks each layer is split over.
         pipeline_parallel_size: pipeline stages (contiguous layer ranges).
         layer_split: layers per stage, e.g. ``(10, 6)``; even when None.
+        enable_expert_parallel: MoE models: whole experts per TP rank instead of sliced experts.
         device: ``"cpu"`` (gloo workers) or ``"cuda"`` (NCCL, one GPU per rank); default cuda if
         present.
         dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
@@ -139,6 +140,7 @@ class LLMEngine:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         layer_split: tuple[int, ...] | None = None,
+        enable_expert_parallel: bool = False,
         device: str | None = None,
         dtype: str = "auto",
         max_model_len: int | None = None,
@@ -161,6 +163,7 @@ class LLMEngine:
             tensor_parallel_size,
             pipeline_parallel_size,
             tuple(layer_split) if layer_split else None,
+            enable_expert_parallel,
         )
         self.parallel_config.check_model(self.model_config)
         self.device = device or _default_device()

@@ -19,6 +19,7 @@ from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import pp_recv, pp_send
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, visible_keys
+from mgpu.layers.moe import expert_parallel
 from mgpu.memory import kv_bytes_per_token
 from mgpu.models.loader import load_weights
 from mgpu.models.registry import model_class
@@ -77,7 +78,7 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(device):
+            with torch.device(device), expert_parallel(parallel_config.enable_expert_parallel):
                 self.model = cls(model_config, self.layer_range, self.is_first, self.is_last)
         finally:
             torch.set_default_dtype(previous)

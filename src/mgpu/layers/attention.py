@@ -13,6 +13,7 @@ already cached.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -56,15 +57,50 @@ def visible_keys(
     return mask
 
 
+def window_metadata(
+    meta: AttentionMetadata, positions: torch.Tensor, sliding_window: int | None
+) -> AttentionMetadata:
+    """The step's metadata with its decode mask rebuilt for layers of one window width.
+
+    The model runner builds one decode mask for the model's ``sliding_window``; a model whose layers
+    differ (Gemma: sliding and global layers) builds one per kind with this, once per step.
+
+    Args:
+        meta: the step's metadata.
+        positions: (tokens,) absolute positions of the step's tokens.
+        sliding_window: the layers' window width, None for global attention.
+    """
+    if meta.decode_mask is None or meta.decode_token_idx is None:
+        return meta
+    query_pos = positions[meta.decode_token_idx]  # (B,)
+    mask = visible_keys(query_pos, meta.decode_mask.shape[-1], sliding_window)
+    return dataclasses.replace(meta, decode_mask=mask[:, None, None, :])  # (B, 1, 1, keys)
+
+
 class PagedAttention(nn.Module):
-    """Scaled dot-product attention of this rank's heads against the paged cache."""
+    """Scaled dot-product attention of this rank's heads against the paged cache.
+
+    Args:
+        num_heads, num_kv_heads, head_dim: this rank's query and KV heads and their width.
+        sliding_window: a key is visible only to the next ``sliding_window`` positions.
+        scale: score scale (default ``head_dim ** -0.5``).
+        softcap: scores become ``softcap * tanh(score / softcap)`` before the mask (Gemma 2);
+            SDPA cannot do that, so these layers compute the softmax themselves.
+    """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sliding_window: int | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.softcap = softcap
         self.sliding_window = sliding_window
         self.kv_cache = torch.empty(0, 1, 2, num_kv_heads, head_dim)
 
@@ -93,6 +129,8 @@ class PagedAttention(nn.Module):
         dtype = q.dtype
         if q.device.type == "cpu" and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
+        if self.softcap is not None:
+            return self._softcapped(q, k, v, mask).to(dtype)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -103,6 +141,23 @@ class PagedAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return out.to(dtype)
+
+    def _softcapped(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention with soft-capped scores; same shapes and mask convention as ``_sdpa``."""
+        assert self.softcap is not None
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:  # query head i reads KV head i // group, as SDPA's enable_gqa does
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, n, keys)
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None:  # causal, queries and keys the same positions
+            n = q.shape[-2]
+            mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)  # (B, heads, n, d)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (B, heads, d) -> (B, heads, d), one new token per sequence, against its cache."""

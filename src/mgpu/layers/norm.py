@@ -29,3 +29,18 @@ class RMSNorm(nn.Module):
         # cast back before the weight, exactly where transformers' LlamaRMSNorm casts.
         h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * h.to(x.dtype), residual
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's ``x / rms(x) * (1 + weight)``: the checkpoint stores the offset from one, and the
+    product is taken in float32 before the cast back (transformers' Gemma2RMSNorm)."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalise ``x + residual`` (tokens, hidden); returns (normed, new residual)."""
+        if residual is not None:
+            x = x + residual
+        residual = x
+        h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype), residual

@@ -1,4 +1,4 @@
-"""Rotary position embedding (rotate-half form of HF Llama/Mistral/Qwen2), llama3 scaling."""
+"""Rotary position embedding (rotate-half form of HF Llama/Qwen/Gemma); llama3, linear scaling."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from mgpu.config import RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,), float32, with Llama 3.1's long-context rescaling."""
+    """Inverse frequencies (head_dim / 2,), float32, with Llama 3.1's or linear rescaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None or scaling.rope_type != "llama3":
+    if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+        return inv_freq / scaling.factor
     # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and a smooth ramp
     # between.
     old_len = scaling.original_max_position_embeddings
@@ -31,32 +33,33 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
-    """The cos/sin tables of RoPE, looked up by absolute position."""
+    """cos/sin of RoPE for the step's positions.
+
+    They are computed per step from the inverse frequencies rather than looked up in
+    (max_positions, head_dim) tables: a table pair of a 128k-context model with 256-wide heads
+    (Gemma 3) is 256 MB per rank, the per-step product a few microseconds. The products are the
+    float32 ones transformers computes, so the angles are identical.
+    """
 
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None
     ):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (max_positions, head_dim)
-        # float32 tables, cast to the activation dtype once at first use (HF casts cos/sin the same
-        # way)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.max_positions = max_positions
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for positions (tokens,), each (tokens, 1, head_dim) in ``dtype``.
 
-        Computed once per step and shared by every layer (one lookup instead of one per layer).
-        Positions are checked against the table by the model runner, on the host.
+        Computed once per step and shared by every layer. Positions are checked against
+        ``max_positions`` by the model runner, on the host.
         """
-        return (
-            self.cos[positions].to(dtype).unsqueeze(1),
-            self.sin[positions].to(dtype).unsqueeze(1),
-        )
+        freqs = positions.float().unsqueeze(1) * self.inv_freq  # (tokens, head_dim / 2), float32
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # (tokens, 1, head_dim)
+        # cos/sin in float32, cast to the activation dtype after, as transformers casts them.
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -1,15 +1,16 @@
-"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5) built from tensor-parallel layers.
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5) and the attention and MLP blocks other
+families reuse, built from tensor-parallel layers.
 
 One class covers the family: the differences are config fields (GQA ratio, QKV bias, tied
-embeddings,
-RoPE scaling, sliding window). A pipeline stage builds only its layer range (STYLE.md convention 8):
-the first stage embeds tokens, the last applies the final norm and the LM head.
-
-Per decoder layer and rank (tp = tensor-parallel size, h = hidden, d = head_dim)::
+embeddings, RoPE scaling, sliding window). Per decoder layer and rank (tp = tensor-parallel size,
+h = hidden, d = head_dim)::
 
     x (T, h) -> RMSNorm -> qkv_proj [column]  -> (T, (H + 2 Hkv) d / tp) -> RoPE -> paged attention
              -> o_proj [row, all-reduce] -> + x -> RMSNorm -> gate_up_proj [column] -> SwiGLU
              -> down_proj [row, all-reduce] -> + residual
+
+A mixture-of-experts layer replaces the MLP by :class:`~mgpu.layers.moe.FusedMoE` (one
+all-reduce too); Qwen3 adds a per-head RMSNorm on q and k before RoPE.
 """
 
 from __future__ import annotations
@@ -20,21 +21,25 @@ import torch
 from torch import nn
 
 from mgpu.config import ModelConfig
-from mgpu.layers.activation import silu_and_mul
+from mgpu.layers.activation import gated_activation
 from mgpu.layers.attention import AttentionMetadata, PagedAttention
-from mgpu.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mgpu.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from mgpu.layers.moe import FusedMoE
 from mgpu.layers.norm import RMSNorm
-from mgpu.layers.rotary import RotaryEmbedding, apply_rotary
-
-#: (cos, sin) of RoPE for the step's tokens, each (T, 1, head_dim), shared by all layers.
-Rope = tuple[torch.Tensor, torch.Tensor]
+from mgpu.layers.rotary import apply_rotary
+from mgpu.models.base import CausalLM, Rope
 
 
 class LlamaAttention(nn.Module):
-    """Self-attention with this rank's share of the heads."""
+    """Self-attention with this rank's share of the heads.
 
-    def __init__(self, config: ModelConfig):
+    Args:
+        config: the architecture (its window, scale and soft-cap apply per layer).
+        layer: global index of the layer.
+        qk_norm: the per-head norm applied to q and k before RoPE (Qwen3, Gemma 3), if any.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, qk_norm: type[RMSNorm] | None = None):
         super().__init__()
         d = config.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -47,7 +52,17 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
+        scalar = config.query_pre_attn_scalar
+        self.attn = PagedAttention(
+            self.num_heads,
+            self.num_kv_heads,
+            d,
+            config.layer_window(layer),
+            scale=None if scalar is None else scalar**-0.5,
+            softcap=config.attn_logit_softcapping,
+        )
+        self.q_norm = qk_norm(d, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = qk_norm(d, config.rms_norm_eps) if qk_norm else None
         self.head_dim = d
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -56,36 +71,85 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)  # (T, (heads + 2 kv_heads) d) laid out as [q | k | v]
         # Rotate q and k together, written back into qkv so that k and v stay side by side for
         # the cache: fewer, larger kernels than rotating q and k apart.
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, d)
-        qk.copy_(apply_rotary(qk, rope))
+        qk_view = qkv[:, : self.q_size + self.kv_size].view(
+            t, self.num_heads + self.num_kv_heads, d
+        )
+        qk = qk_view
+        if self.q_norm is not None and self.k_norm is not None:
+            q_normed, _ = self.q_norm(qk[:, : self.num_heads])  # (T, heads, d)
+            k_normed, _ = self.k_norm(qk[:, self.num_heads :])  # (T, kv_heads, d)
+            qk = torch.cat([q_normed, k_normed], dim=1)
+        qk_view.copy_(apply_rotary(qk, rope))
         q = qkv[:, : self.q_size].view(t, self.num_heads, d)  # (T, heads, d)
         kv = qkv[:, self.q_size :].view(t, 2, self.num_kv_heads, d)  # (T, 2, kv_heads, d)
         return self.o_proj(self.attn(q, kv, meta))  # attn: (T, heads * d)
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU MLP: fused gate/up (column-parallel) and down (row-parallel)."""
+    """Gated MLP (SwiGLU, or GeGLU for Gemma): fused gate/up (column) and down (row-parallel)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(
             config.hidden_size, [inter, inter], config.mlp_bias
         )
         self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias)
+        self.act = gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(T, h) -> (T, h)."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+def make_mlp(
+    config: ModelConfig, layer: int, expert_names: tuple[str, str, str]
+) -> LlamaMLP | FusedMoE:
+    """The MLP of decoder layer ``layer``: experts where the config puts them, else dense.
+
+    Args:
+        config: the architecture.
+        layer: global index of the layer.
+        expert_names: checkpoint names of an expert's gate, up and down projections.
+    """
+    if not config.is_moe_layer(layer):
+        return LlamaMLP(config, config.dense_intermediate_size or None)
+    return FusedMoE(
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_local_experts,
+        config.num_experts_per_tok,
+        config.norm_topk_prob,
+        gated_activation(config.hidden_act),
+        expert_names,
+    )
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm decoder layer with the residual carried separately (fused into the next norm)."""
+    """Pre-norm decoder layer with the residual carried separately (fused into the next norm).
 
-    def __init__(self, config: ModelConfig):
+    Args:
+        config: the architecture.
+        layer: global index of the layer.
+        qk_norm: per-head q/k norm of the attention (Qwen3), if any.
+        mlp_name: attribute (and checkpoint) name of the MLP: ``mlp``, or Mixtral's
+            ``block_sparse_moe``.
+        expert_names: checkpoint names of an expert's gate, up and down projections.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        qk_norm: type[RMSNorm] | None = None,
+        mlp_name: str = "mlp",
+        expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.attention_type = config.attention_type(layer)
+        self.self_attn = LlamaAttention(config, layer, qk_norm)
+        self.mlp_name = mlp_name
+        self.add_module(mlp_name, make_mlp(config, layer, expert_names))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -100,131 +164,19 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(rope, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return getattr(self, self.mlp_name)(h), residual
 
 
-class LlamaForCausalLM(nn.Module):
-    """A pipeline stage of a Llama-family causal LM on one rank.
+class LlamaForCausalLM(CausalLM):
+    """Llama 2/3.x, Mistral and Qwen2/2.5 (see :class:`~mgpu.models.base.CausalLM`)."""
 
-    Args:
-        config: the architecture.
-        layer_range: ``[start, end)`` decoder layers this stage holds (all when None).
-        is_first_stage: holds the embedding and takes token ids.
-        is_last_stage: holds the final norm and the LM head and produces logits.
-    """
+    architectures: ClassVar[tuple[str, ...]] = (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+    )
 
-    #: HF checkpoint names fused into one local parameter: local name -> [(HF name, shard id)].
-    packed_modules: ClassVar[dict[str, list[tuple[str, int]]]] = {
-        "qkv_proj": [("q_proj", 0), ("k_proj", 1), ("v_proj", 2)],
-        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
-    }
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_range: tuple[int, int] | None = None,
-        is_first_stage: bool = True,
-        is_last_stage: bool = True,
-    ):
-        super().__init__()
-        self.config = config
-        self.start_layer, self.end_layer = layer_range or (0, config.num_hidden_layers)
-        self.is_first_stage, self.is_last_stage = is_first_stage, is_last_stage
-        self.embed_tokens = (
-            VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-            if is_first_stage
-            else None
-        )
-        self.rotary_emb = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config) for _ in range(self.start_layer, self.end_layer)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last_stage else None
-        self.lm_head = None
-        if is_last_stage:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-            if config.tie_word_embeddings and self.embed_tokens is not None:
-                self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        hidden: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run this stage's layers.
-
-        Args:
-            input_ids: (T,) token ids (used by the first stage).
-            positions: (T,) absolute positions.
-            meta: attention metadata of the step.
-            hidden, residual: (T, h) from the previous stage (later stages only).
-
-        Returns:
-            (hidden, residual): on the last stage ``hidden`` is final-normed and residual is None.
-        """
-        if self.embed_tokens is not None:
-            hidden = self.embed_tokens(input_ids)  # (T, h)
-        assert hidden is not None, "a later pipeline stage needs the previous stage's hidden states"
-        rope = self.rotary_emb(positions, hidden.dtype)
-        for layer in self.layers:
-            hidden, residual = layer(rope, hidden, residual, meta)
-        if self.norm is not None:
-            hidden, _ = self.norm(hidden, residual)
-            residual = None
-        return hidden, residual
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """(N, h) final hidden states -> (N, vocab) float32 logits on TP rank 0, None elsewhere."""
-        assert self.lm_head is not None, "only the last pipeline stage computes logits"
-        return self.lm_head(hidden)
-
-    def checkpoint_names(self) -> dict[str, tuple[nn.Parameter, int | None]]:
-        """Every HF checkpoint tensor this rank needs: HF name -> (local parameter, shard id).
-
-        A tied LM head on the embedding's stage is the embedding parameter itself, so
-        ``named_parameters`` lists it once; on a later stage it reads ``model.embed_tokens.weight``.
-        """
-        names: dict[str, tuple[nn.Parameter, int | None]] = {}
-        for local_name, param in self.named_parameters():
-            hf_name = self._hf_name(local_name)
-            module_name = hf_name.rsplit(".", 2)[-2]
-            for hf_part, shard in self.packed_modules.get(module_name, [(module_name, None)]):
-                names[hf_name.replace(f".{module_name}.", f".{hf_part}.")] = (param, shard)
-        return names
-
-    def _hf_name(self, local_name: str) -> str:
-        if local_name.startswith("lm_head."):
-            if self.config.tie_word_embeddings and self.embed_tokens is None:
-                return "model.embed_tokens.weight"
-            return local_name
-        if local_name.startswith("layers."):
-            _, idx, rest = local_name.split(".", 2)
-            return f"model.layers.{int(idx) + self.start_layer}.{rest}"
-        return f"model.{local_name}"
-
-
-def all_checkpoint_names(config: ModelConfig) -> set[str]:
-    """Every tensor name a complete HF checkpoint of ``config`` may hold (for strict loading)."""
-    names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    per_layer = [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
-    ]
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        per_layer.append(f"self_attn.{proj}.weight")
-        if config.attention_bias:
-            per_layer.append(f"self_attn.{proj}.bias")
-    if config.mlp_bias:
-        per_layer += [f"mlp.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj")]
-    for i in range(config.num_hidden_layers):
-        names.update(f"model.layers.{i}.{n}" for n in per_layer)
-    return names
+    @classmethod
+    def make_layer(cls, config: ModelConfig, layer: int) -> nn.Module:
+        """A pre-norm Llama decoder layer."""
+        return LlamaDecoderLayer(config, layer)

@@ -17,7 +17,6 @@ from torch import nn
 from tqdm import tqdm
 
 from mgpu.errors import ModelLoadError
-from mgpu.models.llama import all_checkpoint_names
 
 #: Checkpoint tensors that carry no weights (recomputed buffers some exporters save).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -125,12 +124,14 @@ def load_weights(model: nn.Module, path: Path, progress: bool = False) -> None:
     """Fill every parameter of ``model`` (one rank's stage and shard) from ``path``'s safetensors.
 
     Args:
-        model: a model built for this rank; it exposes ``checkpoint_names()`` and ``config``.
+        model: a model built for this rank; it says which tensors it needs
+            (``checkpoint_names()``) and which a full checkpoint may hold
+            (``all_checkpoint_names(config)``), see :class:`~mgpu.models.base.CausalLM`.
         path: the model directory.
         progress: show a progress bar over the checkpoint files.
     """
     wanted = model.checkpoint_names()  # type: ignore[operator]
-    known = all_checkpoint_names(model.config)  # type: ignore[arg-type]
+    known = model.all_checkpoint_names(model.config)  # type: ignore[operator]
     pending = set(wanted)
     files = safetensors_files(path)
     for file in tqdm(files, desc="loading weights", disable=not progress, unit="file"):

@@ -1,32 +1,43 @@
-"""HF architecture name -> model class. One entry per supported architecture, no fuzzy matching."""
+"""HF architecture name -> model class, built from what each class declares; no fuzzy matching.
+
+A family is added by writing its class (with ``architectures``) and listing it in ``_FAMILIES``;
+the loader needs no change, since it asks the model for its checkpoint names.
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
 from mgpu.config import ModelConfig
 from mgpu.errors import UnsupportedModelError
+from mgpu.models.base import CausalLM
+from mgpu.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from mgpu.models.llama import LlamaForCausalLM
+from mgpu.models.mixtral import MixtralForCausalLM
+from mgpu.models.qwen3 import Qwen3ForCausalLM
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
+_FAMILIES: tuple[type[CausalLM], ...] = (
+    LlamaForCausalLM,
+    Qwen3ForCausalLM,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    MixtralForCausalLM,
+)
+
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    arch: cls for cls in _FAMILIES for arch in cls.architectures
 }
 
 
-def model_class(config: ModelConfig) -> type[nn.Module]:
+def supported_architectures() -> list[str]:
+    """Every HF architecture name the engine runs, sorted."""
+    return sorted(MODEL_REGISTRY)
+
+
+def model_class(config: ModelConfig) -> type[CausalLM]:
     """The class implementing ``config.architecture``; a clear error for anything else."""
     try:
-        cls = MODEL_REGISTRY[config.architecture]
+        return MODEL_REGISTRY[config.architecture]
     except KeyError:
         raise UnsupportedModelError(
             f"architecture {config.architecture!r} is not supported; mgpu runs "
-            f"{', '.join(sorted(MODEL_REGISTRY))}"
+            f"{', '.join(supported_architectures())}"
         ) from None
-    if config.is_moe:
-        raise UnsupportedModelError(
-            f"{config.architecture} with {config.num_local_experts} experts (MoE) is not "
-            "supported yet"
-        )
-    return cls

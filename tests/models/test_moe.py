@@ -1,0 +1,233 @@
+"""Mixture-of-experts layers and the checkpoint names each family declares, in one process.
+
+The MoE block is compared with transformers' own block on the same weights; the TP and EP splits
+are checked by building every rank's shard (the TP position set by hand, no process group needed
+until the all-reduce) and summing their partial outputs, which is what the all-reduce does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from mgpu.config import ModelConfig, ParallelConfig
+from mgpu.distributed import parallel_state as ps
+from mgpu.errors import ConfigError
+from mgpu.layers.activation import silu_and_mul
+from mgpu.layers.moe import ExpertWeights, FusedMoE, expert_parallel, expert_range
+from mgpu.models.registry import model_class
+from tests.helpers import ARCHS, make_model
+
+HIDDEN, INTER = 32, 48
+
+
+def _load(param: torch.nn.Parameter, tensor: torch.Tensor, shard: object, name: str) -> None:
+    param.checkpoint_name = name  # type: ignore[attr-defined]
+    param.weight_loader(param, tensor, shard)  # type: ignore[attr-defined]
+
+
+def _fill_experts(experts: ExpertWeights, full: dict[str, torch.Tensor]) -> None:
+    """Load ``experts`` from per-expert checkpoint tensors ``full`` as the loader would."""
+    for param in (experts.w13, experts.w2):
+        for name, shard in param.hf_names:  # type: ignore[attr-defined]
+            _load(param, full[name], shard, name)
+
+
+def _random_experts(num_experts: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    full = {}
+    for e in range(num_experts):
+        full[f"{e}.gate_proj.weight"] = torch.randn(INTER, HIDDEN) * 0.2
+        full[f"{e}.up_proj.weight"] = torch.randn(INTER, HIDDEN) * 0.2
+        full[f"{e}.down_proj.weight"] = torch.randn(HIDDEN, INTER) * 0.2
+    return full
+
+
+@pytest.mark.parametrize(
+    ("family", "renormalize"),
+    [("mixtral", True), ("qwen3_moe", True), ("qwen3_moe", False)],
+    ids=["mixtral", "qwen3_moe-norm_topk", "qwen3_moe-softmax_share"],
+)
+def test_moe_block_matches_transformers(family: str, renormalize: bool) -> None:
+    """Routing (softmax, top-k, each family's renormalisation) and experts vs transformers."""
+    extra = {"norm_topk_prob": renormalize} if family == "qwen3_moe" else {}
+    hf_config = AutoConfig.for_model(
+        family,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        moe_intermediate_size=INTER,
+        num_local_experts=6,
+        num_experts=6,
+        num_experts_per_tok=2,
+        **extra,
+    )
+    block_class = MixtralSparseMoeBlock if family == "mixtral" else Qwen3MoeSparseMoeBlock
+    torch.manual_seed(1)
+    hf = block_class(hf_config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    moe = FusedMoE(HIDDEN, INTER, 6, 2, renormalize, silu_and_mul, names)
+    gate_up, down = hf.experts.gate_up_proj.detach(), hf.experts.down_proj.detach()
+    full = {}
+    for e in range(6):
+        full[f"{e}.{names[0]}.weight"] = gate_up[e, :INTER]
+        full[f"{e}.{names[1]}.weight"] = gate_up[e, INTER:]
+        full[f"{e}.{names[2]}.weight"] = down[e]
+    _fill_experts(moe.experts, full)
+    _load(moe.gate.weight, hf.gate.weight.detach(), None, "gate.weight")
+
+    x = torch.randn(40, HIDDEN)
+    with torch.no_grad():
+        expected = hf(x.unsqueeze(0))[0]
+        got = moe(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("is_expert_parallel", [False, True], ids=["tp2", "ep2"])
+@pytest.mark.parametrize("num_experts", [4, 5])
+def test_two_rank_shards_sum_to_the_whole(
+    monkeypatch: pytest.MonkeyPatch, is_expert_parallel: bool, num_experts: int
+) -> None:
+    """Each rank's partial output, summed as the all-reduce sums them, is the unsharded output;
+    each rank holds about half the expert bytes (5 experts over 2 ranks: 3 and 2)."""
+    full = _random_experts(num_experts)
+    names = ("gate_proj", "up_proj", "down_proj")
+    whole = ExpertWeights(HIDDEN, INTER, num_experts, names)
+    _fill_experts(whole, full)
+    torch.manual_seed(2)
+    x = torch.randn(33, HIDDEN)
+    weights = torch.rand(33, 2)
+    experts = torch.stack([torch.randperm(num_experts)[:2] for _ in range(33)])  # (33, 2)
+    expected = whole(x, weights, experts, silu_and_mul)
+
+    total = torch.zeros_like(x)
+    whole_bytes = sum(p.numel() for p in whole.parameters())
+    for rank in range(2):
+        monkeypatch.setattr(ps, "_STATE", ps._State(tp_size=2, tp_rank=rank))
+        with expert_parallel(is_expert_parallel):
+            shard = ExpertWeights(HIDDEN, INTER, num_experts, names)
+        _fill_experts(shard, full)
+        total += shard(x, weights, experts, silu_and_mul)
+        share = sum(p.numel() for p in shard.parameters()) / whole_bytes
+        local = expert_range(num_experts, 2, rank)
+        assert shard.num_local_experts == (
+            local[1] - local[0] if is_expert_parallel else num_experts
+        )
+        assert share == pytest.approx(
+            0.5 if num_experts == 4 or not is_expert_parallel else 0.6 - 0.2 * rank
+        )
+    torch.testing.assert_close(total, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_range_covers_every_expert_once() -> None:
+    for experts, ranks in [(8, 2), (5, 2), (128, 8), (3, 4)]:
+        ranges = [expert_range(experts, ranks, r) for r in range(ranks)]
+        assert [e for a, b in ranges for e in range(a, b)] == list(range(experts))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_checkpoint_names_are_declared_by_the_model(arch: str, tmp_path: Path) -> None:
+    """What a family declares covers exactly what transformers writes: the strict loader's view."""
+    path = make_model(tmp_path, arch)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        written = set(f.keys())
+    config = ModelConfig.from_file(path)
+    cls = model_class(config)
+    with torch.device("meta"):
+        model = cls(config)
+    assert set(model.checkpoint_names()) == written
+    assert cls.all_checkpoint_names(config) - written <= {"lm_head.weight"}
+    assert written <= cls.all_checkpoint_names(config)
+
+
+def test_expert_parallel_rank_needs_only_its_experts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = make_model(tmp_path, "mixtral")
+    config = ModelConfig.from_file(path)
+    monkeypatch.setattr(ps, "_STATE", ps._State(tp_size=2, tp_rank=1))
+    with torch.device("meta"), expert_parallel(True):
+        model = model_class(config)(config)
+    experts = {n.split(".")[5] for n in model.checkpoint_names() if ".experts." in n}
+    assert experts == {"2", "3"}
+    # The strict loader still knows every expert of the checkpoint.
+    known = type(model).all_checkpoint_names(config)
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in known
+
+
+def test_hub_style_configs() -> None:
+    """Configs as the hub has them (written before transformers 5) give the same layout."""
+    base = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+    }
+    gemma2 = ModelConfig.from_dict(
+        {
+            **base,
+            "architectures": ["Gemma2ForCausalLM"],
+            "model_type": "gemma2",
+            "sliding_window": 4096,
+            "hidden_activation": "gelu_pytorch_tanh",
+        }
+    )
+    assert [gemma2.layer_window(i) for i in range(3)] == [4096, None, 4096]
+    assert gemma2.hidden_act == "gelu_pytorch_tanh"
+    gemma3 = ModelConfig.from_dict(
+        {
+            **base,
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "sliding_window": 512,
+            "sliding_window_pattern": 3,
+            "rope_theta": 1e6,
+            "rope_local_base_freq": 1e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        }
+    )
+    assert [gemma3.attention_type(i) for i in range(3)] == [
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
+    assert (gemma3.rope_theta, gemma3.rope_local_theta) == (1e6, 1e4)
+    assert gemma3.rope_scaling is not None and gemma3.rope_scaling.factor == 8.0
+    qwen_moe = ModelConfig.from_dict(
+        {
+            **base,
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "decoder_sparse_step": 2,
+            "mlp_only_layers": [5],
+            "norm_topk_prob": False,
+        }
+    )
+    assert qwen_moe.num_local_experts == 8 and qwen_moe.intermediate_size == 32
+    assert [i for i in range(6) if qwen_moe.is_moe_layer(i)] == [1, 3]
+    assert qwen_moe.dense_intermediate_size == 128 and not qwen_moe.norm_topk_prob
+
+
+def test_expert_parallel_refuses_a_dense_model(tmp_path: Path) -> None:
+    config = ModelConfig.from_file(make_model(tmp_path, "qwen3"))
+    with pytest.raises(ConfigError, match="dense model without experts"):
+        ParallelConfig(2, 1, None, enable_expert_parallel=True).check_model(config)
+
+
+def test_expert_width_that_tp_cannot_slice_needs_expert_parallel(tmp_path: Path) -> None:
+    config = ModelConfig.from_file(make_model(tmp_path, "mixtral", intermediate_size=100))
+    with pytest.raises(ConfigError, match="--enable-expert-parallel places whole experts"):
+        ParallelConfig(8, 1).check_model(config)
+    ParallelConfig(8, 1, None, enable_expert_parallel=True).check_model(config)
