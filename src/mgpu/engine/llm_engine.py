@@ -29,7 +29,7 @@ from mgpu.config import (
 )
 from mgpu.engine.block_manager import BlockManager
 from mgpu.engine.detokenizer import detokenize_incrementally
-from mgpu.engine.executor import Executor
+from mgpu.engine.executor import Executor, LaunchConfig
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import Scheduler
@@ -192,16 +192,17 @@ class LLMEngine:
             raise ConfigError(f"cannot load the tokenizer of {self.model_path}: {exc}") from None
         self.eos_token_ids = self._eos_ids()
         dtype_name = str(self.dtype).removeprefix("torch.")
+        launch_config = LaunchConfig(
+            device_type=self.device,
+            dtype_name=dtype_name,
+            cache_config=self.cache_config,
+            cpu_reserved_cores=cpu_reserved_cores,
+            compile_decode=compile_decode,
+            tp_collective_bytes=self._tp_collective_bytes(),
+            max_steps_in_flight=self.parallel_config.pipeline_parallel_size,
+        )
         self.executor = Executor(
-            self.model_path,
-            self.model_config,
-            self.parallel_config,
-            self.device,
-            dtype_name,
-            self.cache_config,
-            cpu_reserved_cores,
-            compile_decode,
-            self._tp_collective_bytes(),
+            self.model_path, self.model_config, self.parallel_config, launch_config
         )
         try:
             self._init_cache()
