@@ -22,6 +22,7 @@ are then stopped on a background thread, so the caller is never blocked by the c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -187,10 +188,8 @@ class WorkerSet:
         """Wait up to ``grace_s`` for the workers to exit, then kill the rest; remove shm files."""
         deadline = time.monotonic() + grace_s
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         _kill_all(self.procs, self.shm_files)
         self._finalizer.detach()
 
