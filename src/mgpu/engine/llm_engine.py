@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from mgpu.engine.detokenizer import detokenize_incrementally
 from mgpu.engine.executor import Executor, LaunchConfig
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.engine.model_runner import RankReport
-from mgpu.engine.scheduler import Scheduler
+from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
 from mgpu.memory import padded_vocab_size
@@ -214,6 +215,8 @@ class LLMEngine:
         self._seq_counter = itertools.count()
         self._registered: set[int] = set()
         self._to_release: list[int] = []
+        # Batches submitted and not yet collected, oldest first (disjoint sets of sequences).
+        self._in_flight: deque[list[ScheduledSeq]] = deque()
         self.stats = EngineStats()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -273,7 +276,9 @@ class LLMEngine:
 
     def live_rank_reports(self) -> list[RankReport]:
         """Fresh per-rank reports (resident memory now)."""
-        return self.executor.call_all("report")
+        with self._lock:
+            self._drain()
+            return self.executor.call_all("report")
 
     @property
     def num_kv_tokens(self) -> int:
@@ -368,11 +373,46 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass of the running batch; returns the requests that progressed."""
+        """Advance the engine by one collected step; returns the requests that progressed.
+
+        Up to ``pipeline_parallel_size`` disjoint micro-batches are in flight, so every pipeline
+        stage works at once. The oldest is collected, its tokens appended, the next batches sent
+        out, and only then is the host work done (detokenising, stop strings) while the workers
+        compute: with one stage, step N+1 runs while step N is post-processed.
+        """
         with self._lock:
-            plan = self.scheduler.schedule()
-            if not plan.scheduled:
+            self._fill_pipeline()
+            if not self._in_flight:
                 return []
+            scheduled = self._in_flight[0]
+            try:
+                results = self.executor.collect()
+            except BaseException:
+                self._in_flight.clear()  # the workers are gone: nothing will answer
+                raise
+            self._in_flight.popleft()
+            touched = self._advance(scheduled, results)
+            self._fill_pipeline()
+            outputs = self._finish_text(touched)
+            self._update_stats()
+            return outputs
+
+    def _fill_pipeline(self) -> None:
+        """Submit steps until ``pipeline_parallel_size`` are in flight or nothing is left to run."""
+        depth = self.parallel_config.pipeline_parallel_size
+        while len(self._in_flight) < depth:
+            busy = {item.seq.seq_id for batch in self._in_flight for item in batch}
+            max_seqs = self.scheduler_config.max_num_seqs
+            free = self.scheduler.waiting and len(self.scheduler.running) < max_seqs
+            ready = sum(1 for seq in self.scheduler.running if seq.seq_id not in busy)
+            ready += len(self.scheduler.waiting) if free else 0
+            if not ready:
+                return
+            # One micro-batch per free slot: the sequences not in flight, cut evenly.
+            per_batch = -(-ready // (depth - len(self._in_flight)))  # ceil
+            plan = self.scheduler.schedule(busy, max_seqs=per_batch)
+            if not plan.scheduled:
+                return
             step = StepInput([], finished_seqs=self._to_release)
             self._to_release = []
             for item in plan.scheduled:
@@ -385,30 +425,50 @@ class LLMEngine:
                 if seq.seq_id not in self._registered:
                     self._registered.add(seq.seq_id)
                     step.new_seqs[seq.seq_id] = seq.params
-            results = iter(self.executor.execute(step))
-            touched: dict[str, _Request] = {}
-            now = time.time()
-            for item in plan.scheduled:
-                seq = item.seq
-                samples = item.samples
-                self._count_prefill(seq, seq.num_computed_tokens, item.num_tokens)
-                seq.num_computed_tokens += item.num_tokens
-                if not samples:
-                    continue
-                result = next(results)
-                req = self._requests.get(seq.request_id)
-                if req is None:
-                    continue
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                self._append(seq, result)
-                touched[req.request_id] = req
-            outputs = [self._output(req) for req in touched.values()]
-            for out in outputs:
-                if out.finished:
-                    self._requests.pop(out.request_id, None)
-            self._update_stats()
-            return outputs
+            self.executor.submit("execute", step)
+            self._in_flight.append(plan.scheduled)
+
+    def _advance(
+        self, scheduled: list[ScheduledSeq], results: list[SampleResult]
+    ) -> dict[str, _Request]:
+        """Count a collected step's tokens and append its samples (no detokenising yet)."""
+        touched: dict[str, _Request] = {}
+        sampled = iter(results)
+        now = time.time()
+        for item in scheduled:
+            seq = item.seq
+            result = next(sampled) if item.samples else None
+            if seq.is_finished:
+                continue  # aborted, or stopped by a stop string while this step was in flight
+            self._count_prefill(seq, seq.num_computed_tokens, item.num_tokens)
+            seq.num_computed_tokens += item.num_tokens
+            req = self._requests.get(seq.request_id)
+            if result is None or req is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._append(seq, result)
+            touched[req.request_id] = req
+        return touched
+
+    def _finish_text(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+        """Detokenise the new tokens, apply stop strings, build the outputs of ``touched``."""
+        for req in touched.values():
+            for seq in req.seqs:
+                self._detokenize(seq)
+        outputs = [self._output(req) for req in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self._requests.pop(out.request_id, None)
+        return outputs
+
+    def _drain(self) -> None:
+        """Collect every step in flight (before a call that needs all ranks idle)."""
+        while self._in_flight:
+            scheduled = self._in_flight[0]
+            results = self.executor.collect()
+            self._in_flight.popleft()
+            self._finish_text(self._advance(scheduled, results))
 
     def _count_prefill(self, seq: Sequence, start: int, n: int) -> None:
         """Count the fed positions [start, start + n) as prompt work, or as recomputation when
@@ -423,31 +483,38 @@ class LLMEngine:
         self.stats.recomputed_tokens_total += prompt_part + outputs_part
 
     def _append(self, seq: Sequence, result: SampleResult) -> None:
+        """Add a sampled token and apply the checks that need no text: EOS, stop ids, length."""
         token = result.token_id
         seq.output_token_ids.append(token)
+        seq.pending_text = True
         self.stats.generation_tokens_total += 1
         if seq.params.logprobs is not None:
             seq.logprobs.append(result)
             seq.cumulative_logprob += result.logprob or 0.0
         params = seq.params
-        finished = False
         if not params.ignore_eos and token in self.eos_token_ids:
             seq.finish("stop")
-            finished = True
         elif token in params.stop_token_ids:
             seq.finish("stop", token)
-            finished = True
-        new_text = detokenize_incrementally(self.tokenizer, seq, flush=finished)
-        if not finished and params.stop and new_text:
-            self._check_stop_strings(seq, len(new_text))
-        if not seq.is_finished and (
+        elif (
             len(seq.output_token_ids) >= seq.max_tokens
             or seq.num_tokens >= self.scheduler_config.max_model_len
         ):
-            detokenize_incrementally(self.tokenizer, seq, flush=True)
             seq.finish("length")
         if seq.is_finished:
             self._release(seq)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Turn a sequence's new token into text; a stop string may finish it here."""
+        if not seq.pending_text:
+            return
+        seq.pending_text = False
+        was_finished = seq.is_finished
+        new_text = detokenize_incrementally(self.tokenizer, seq, flush=was_finished)
+        if seq.finish_reason in (None, "length") and seq.params.stop and new_text:
+            self._check_stop_strings(seq, len(new_text))
+            if seq.is_finished and not was_finished:
+                self._release(seq)
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, new_len: int) -> None:
@@ -508,6 +575,7 @@ class LLMEngine:
         with self._lock:
             if self.scheduler.has_unfinished():
                 raise MgpuError("prompt_logits needs an idle engine (requests are in flight)")
+            self._drain()
             replies = self.executor.call_all("prompt_logits", list(prompt_token_ids))
         return replies[self.executor.output_rank]
 
