@@ -21,7 +21,7 @@ API_KEY_ENV = "MGPU_API_KEY"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The server's own flags (the engine flags come from ``mgpu.cli.add_engine_arguments``).
+    """The server's own flags (the engine flags come from :class:`mgpu.config.EngineArgs`).
 
     Args:
         parser: the ``serve`` subcommand's parser.
@@ -44,12 +44,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted (413 above it)",
     )
     g.add_argument(
-        "--num-gpu-blocks-override",
-        type=int,
+        "--uvicorn-log-level",
         default=None,
-        help="fix the KV cache at this many blocks instead of profiling memory",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level (default: --log-level)",
     )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve the model and layout, print the per-rank table, exit (no weights read)",
+    )
     g.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
@@ -65,21 +69,25 @@ def run_server(args: argparse.Namespace) -> int:
     """
     import uvicorn
 
-    from mgpu.cli import engine_kwargs
+    from mgpu.config import EngineArgs
+    from mgpu.engine.headless import dry_run, run_headless
     from mgpu.engine.llm_engine import LLMEngine
     from mgpu.server.app import ServerConfig, build_app
     from mgpu.server.async_engine import AsyncEngine
 
+    engine_args = EngineArgs.from_cli_args(args)
+    if args.dry_run:
+        return dry_run(engine_args)
+    if engine_args.node_rank > 0:
+        return run_headless(engine_args)
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    ignored = engine_args.ignored()
+    if ignored:
+        print(f"mgpu serve: {ignored}", flush=True)
     sock = _bind(args.host, args.port)
-    kwargs = {
-        **engine_kwargs(args),
-        "num_blocks": args.num_gpu_blocks_override,
-        "block_size": args.block_size,
-    }
     try:
-        engine = LLMEngine(args.model, **kwargs)
+        engine = LLMEngine.from_engine_args(engine_args)
     except BaseException:
         sock.close()
         raise
@@ -101,7 +109,7 @@ def run_server(args: argparse.Namespace) -> int:
         app = build_app(async_engine, config)
         url = _url(sock)
         _print_report(engine, config, url)
-        level = getattr(args, "log_level", "warning").lower()
+        level = (args.uvicorn_log_level or getattr(args, "log_level", "warning")).lower()
         server = uvicorn.Server(
             uvicorn.Config(
                 app,

@@ -275,6 +275,8 @@ class Executor:
         self._outstanding: deque[int] = deque()
         self._heartbeats: dict[int, tuple[int, float]] = {}
         self._last_store_poll = 0.0
+        # Heartbeats count only once every rank has loaded: imports hold the GIL for seconds.
+        self._ready = False
         try:
             threads = lc.max_steps_in_flight + 1
             self.control = self._wait(
@@ -287,6 +289,7 @@ class Executor:
             self._outstanding.append(-1)
             self._expected.put((-1, list(range(world)), True))
             self.reports = self._collect_id(-1)
+            self._ready = True
         except BaseException:
             self.shutdown()
             raise
@@ -300,8 +303,20 @@ class Executor:
 
     @property
     def is_alive(self) -> bool:
-        """Whether every rank is running (no failure seen, no local worker exited)."""
-        return not self._closed and self.error is None and self.local.dead() is None
+        """Whether every rank is running: no failure seen, no local worker exited, and (checked
+        at most every :data:`STORE_POLL_S`) no error or stalled heartbeat in the store.
+
+        Callable from any thread (``/health``): the store client is behind ``_store_lock``, and
+        a failure found here is recorded and stops the workers as it would in a wait.
+        """
+        if self._closed or self.error is not None or self.local.dead() is not None:
+            return False
+        if self._ready:
+            try:
+                self._check_store()
+            except MgpuError:
+                return False
+        return True
 
     def _check(self) -> None:
         """Raise if any rank has died or failed (local status now, the store every so often)."""
@@ -342,7 +357,7 @@ class Executor:
             last = self._heartbeats.get(rank)
             if last is None or last[0] != beat:
                 self._heartbeats[rank] = (beat, now)
-            elif beat and now - last[1] > self.launch_config.heartbeat_timeout_s:
+            elif self._ready and now - last[1] > self.launch_config.heartbeat_timeout_s:
                 self._fail(
                     f"worker rank {rank} (on another node) stopped its heartbeat "
                     f"{now - last[1]:.1f} s ago"

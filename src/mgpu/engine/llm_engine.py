@@ -22,6 +22,7 @@ import torch
 
 from mgpu.config import (
     CacheConfig,
+    EngineArgs,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -131,6 +132,13 @@ class LLMEngine:
             there are more cores than ranks; 0 gives the workers every core).
         compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
+        tokenizer: tokenizer directory or hub id (default: the model's).
+        chat_template: a Jinja chat template, or a file holding one (default: the tokenizer's).
+        nnodes: machines the ranks are spread over; node 0 (this process) hosts the rendezvous.
+        master_addr: node 0's address, as the other nodes reach it.
+        master_port: the rendezvous port (0: any free one, single node only).
+
+    Every keyword is an :class:`~mgpu.config.EngineArgs` field (see :meth:`from_engine_args`).
     """
 
     def __init__(
@@ -151,6 +159,11 @@ class LLMEngine:
         num_blocks: int | None = None,
         cpu_reserved_cores: int | None = None,
         compile_decode: bool = False,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        nnodes: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 0,
     ):
         from transformers import AutoTokenizer
 
@@ -187,10 +200,16 @@ class LLMEngine:
             device_memory_gb=device_memory_gb,
             num_blocks_override=num_blocks,
         )
+        tokenizer_path = str(resolve_model_path(tokenizer)) if tokenizer else str(self.model_path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         except Exception as exc:
-            raise ConfigError(f"cannot load the tokenizer of {self.model_path}: {exc}") from None
+            raise ConfigError(f"cannot load the tokenizer of {tokenizer_path}: {exc}") from None
+        if chat_template is not None:
+            template = Path(chat_template)
+            self.tokenizer.chat_template = (
+                template.read_text() if template.is_file() else chat_template
+            )
         self.eos_token_ids = self._eos_ids()
         dtype_name = str(self.dtype).removeprefix("torch.")
         launch_config = LaunchConfig(
@@ -201,6 +220,9 @@ class LLMEngine:
             compile_decode=compile_decode,
             tp_collective_bytes=self._tp_collective_bytes(),
             max_steps_in_flight=self.parallel_config.pipeline_parallel_size,
+            nnodes=nnodes,
+            master_addr=master_addr,
+            master_port=master_port,
         )
         self.executor = Executor(
             self.model_path, self.model_config, self.parallel_config, launch_config
@@ -218,6 +240,11 @@ class LLMEngine:
         # Batches submitted and not yet collected, oldest first (disjoint sets of sequences).
         self._in_flight: deque[list[ScheduledSeq]] = deque()
         self.stats = EngineStats()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        """An engine with the settings of ``args`` (the CLI and ``LLM`` both come through here)."""
+        return cls(args.model, **args.engine_kwargs())
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -279,6 +306,23 @@ class LLMEngine:
         with self._lock:
             self._drain()
             return self.executor.call_all("report")
+
+    def layout(self) -> list[dict[str, object]]:
+        """One row per rank: rank, node, device, layers ``[start, end)``, ``param_bytes`` with the
+        planner's ``predicted_param_bytes`` beside it, and ``kv_blocks``."""
+        from mgpu.engine.headless import ResolvedPlan, planned_ranks
+
+        plan = ResolvedPlan(
+            self.model_path, self.model_config, self.parallel_config, self.device, self.dtype
+        )
+        rows = planned_ranks(plan, self.executor.launch_config.nnodes)
+        for row, report in zip(rows, self.rank_reports, strict=True):
+            row["device"] = report.device
+            row["layers"] = list(report.layer_range)
+            row["param_bytes"] = report.param_bytes
+            row["kv_blocks"] = self.block_manager.num_blocks
+        keys = ("rank", "node", "device", "layers", "param_bytes", "predicted_param_bytes")
+        return [{**{k: row[k] for k in keys}, "kv_blocks": row["kv_blocks"]} for row in rows]
 
     @property
     def num_kv_tokens(self) -> int:
