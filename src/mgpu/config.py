@@ -290,7 +290,8 @@ class CacheConfig:
 
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
-    device_memory_gb: float | None = None
+    #: CPU only: memory of each rank in bytes (from ``--device-memory``); None: the available RAM.
+    rank_memory_bytes: tuple[int, ...] | None = None
     num_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
@@ -358,8 +359,12 @@ class EngineArgs:
     chat_template: str | None = _arg(
         None, "chat template: a Jinja file or the template itself (default: the tokenizer's)"
     )
-    tensor_parallel_size: int = _arg(1, "ranks each layer is split over", flags=("-tp",))
-    pipeline_parallel_size: int = _arg(1, "pipeline stages", flags=("-pp",))
+    tensor_parallel_size: int | None = _arg(
+        None, "ranks each layer is split over (default: --placement auto)", flags=("-tp",)
+    )
+    pipeline_parallel_size: int | None = _arg(
+        None, "pipeline stages (default: --placement auto)", flags=("-pp",)
+    )
     layer_split: tuple[int, ...] | None = _arg(
         None, "layers per pipeline stage, e.g. 20,12 (default: even)", type="ints"
     )
@@ -375,7 +380,17 @@ class EngineArgs:
     gpu_memory_utilization: float = _arg(
         0.9, "fraction of each device's memory to use (on CPU: of --device-memory or free RAM)"
     )
-    device_memory: float | None = _arg(None, "CPU only: memory budget of the engine in GB")
+    device_memory: str | None = _arg(
+        None,
+        "CPU only: memory of each device, e.g. 24GiB,12GiB (one entry per rank; a single entry "
+        "is the whole engine's budget under a manual layout); default: the available RAM",
+    )
+    placement: str = _arg(
+        "auto",
+        "auto: build the layout from the devices' memory unless -tp, -pp or --layer-split is "
+        "given; manual: one rank unless they are",
+        choices=("auto", "manual"),
+    )
     block_size: int = _arg(16, "tokens per KV-cache block")
     num_gpu_blocks_override: int | None = _arg(
         None, "fix the KV cache at this many blocks instead of profiling memory"
@@ -479,7 +494,8 @@ class EngineArgs:
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "gpu_memory_utilization": self.gpu_memory_utilization,
-            "device_memory_gb": self.device_memory,
+            "device_memory": self.device_memory,
+            "placement": self.placement,
             "block_size": self.block_size,
             "num_blocks": self.num_gpu_blocks_override,
             "cpu_reserved_cores": self.cpu_reserved_cores,

@@ -16,6 +16,7 @@ import torch
 
 from mgpu.config import CacheConfig, EngineArgs, ModelConfig, ParallelConfig, parse_dtype
 from mgpu.engine.executor import LaunchConfig, WorkerSet, describe_exit, node_ranks
+from mgpu.engine.placement import resolve_layout
 from mgpu.errors import ConfigError
 from mgpu.memory import weight_bytes_per_rank
 from mgpu.models.loader import demo_model_path, resolve_model_path
@@ -31,6 +32,7 @@ class ResolvedPlan:
     parallel_config: ParallelConfig
     device: str
     dtype: torch.dtype
+    rank_memory_bytes: tuple[int, ...] | None = None
 
 
 def resolve(args: EngineArgs) -> ResolvedPlan:
@@ -42,15 +44,22 @@ def resolve(args: EngineArgs) -> ResolvedPlan:
     path = resolve_model_path(args.model if args.model is not None else demo_model_path())
     config = ModelConfig.from_file(path)
     model_class(config)  # refuse an unsupported architecture here too
-    parallel = ParallelConfig(
-        args.tensor_parallel_size, args.pipeline_parallel_size, args.layer_split
-    )
-    parallel.check_model(config)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
     dtype = parse_dtype(args.dtype, parse_dtype(config.torch_dtype))
-    return ResolvedPlan(path, config, parallel, device, dtype)
+    parallel, rank_memory = resolve_layout(
+        config,
+        torch.finfo(dtype).bits // 8,
+        device,
+        args.tensor_parallel_size,
+        args.pipeline_parallel_size,
+        args.layer_split,
+        args.placement,
+        args.device_memory,
+    )
+    parallel.check_model(config)
+    return ResolvedPlan(path, config, parallel, device, dtype, rank_memory)
 
 
 def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]]:
@@ -127,7 +136,7 @@ def run_headless(args: EngineArgs) -> int:
         cache_config=CacheConfig(
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
-            device_memory_gb=args.device_memory,
+            rank_memory_bytes=plan.rank_memory_bytes,
             num_blocks_override=args.num_gpu_blocks_override,
         ),
         cpu_reserved_cores=args.cpu_reserved_cores,

@@ -23,8 +23,8 @@ class LLM:
 
     Args:
         model: HF model directory or hub id (default: the bundled demo model).
-        tensor_parallel_size: ranks each layer is split over.
-        pipeline_parallel_size: pipeline stages.
+        tensor_parallel_size: ranks each layer is split over (default: automatic placement).
+        pipeline_parallel_size: pipeline stages (default: automatic placement).
         device: ``"cpu"`` or ``"cuda"`` (default: cuda when present).
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         **kwargs: further :class:`~mgpu.config.EngineArgs` fields (``max_model_len``,
@@ -36,8 +36,8 @@ class LLM:
     def __init__(
         self,
         model: str | Path | None = None,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
+        tensor_parallel_size: int | None = None,
+        pipeline_parallel_size: int | None = None,
         device: str | None = None,
         dtype: str = "auto",
         **kwargs: Any,
@@ -153,8 +153,6 @@ def _engine_arg_names(kwargs: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in kwargs.items():
         name = _ALIASES.get(key, key)
-        if key == "device_memory_gb":
-            name = "device_memory"
         if name not in fields:
             raise ConfigError(f"LLM() got an unknown setting {key!r}")
         out[name] = value

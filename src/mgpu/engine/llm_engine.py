@@ -24,7 +24,6 @@ from mgpu.config import (
     CacheConfig,
     EngineArgs,
     ModelConfig,
-    ParallelConfig,
     SchedulerConfig,
     blocks_for_tokens,
     parse_dtype,
@@ -34,6 +33,7 @@ from mgpu.engine.detokenizer import detokenize_incrementally
 from mgpu.engine.executor import Executor, LaunchConfig
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.engine.model_runner import RankReport
+from mgpu.engine.placement import resolve_layout
 from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
@@ -125,7 +125,10 @@ class LLMEngine:
         max_num_seqs: most sequences in the running batch.
         max_num_batched_tokens: token budget of one step (longer prompts are prefilled in chunks).
         gpu_memory_utilization: fraction of each device's memory the engine may use.
-        device_memory_gb: on CPU, the memory budget of the whole engine (default: available RAM).
+        device_memory: on CPU, each device's memory, e.g. ``"24GiB,12GiB"`` or a list (one per
+            rank; one entry under a manual layout is the whole engine's); default: free RAM.
+        placement: ``"auto"`` builds the layout from the devices' memory when no TP/PP size or
+            layer split is given (see :mod:`mgpu.engine.placement`); ``"manual"`` does not.
         block_size: tokens per KV block.
         num_blocks: fix the KV cache size in blocks instead of profiling (tests, reproducibility).
         cpu_reserved_cores: on CPU, cores kept free for the engine process (default: one when
@@ -145,8 +148,8 @@ class LLMEngine:
         self,
         model: str | Path | None = None,
         *,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
+        tensor_parallel_size: int | None = None,
+        pipeline_parallel_size: int | None = None,
         layer_split: tuple[int, ...] | None = None,
         device: str | None = None,
         dtype: str = "auto",
@@ -154,7 +157,8 @@ class LLMEngine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int | None = None,
         gpu_memory_utilization: float = 0.9,
-        device_memory_gb: float | None = None,
+        device_memory: str | float | list | None = None,
+        placement: str = "auto",
         block_size: int = 16,
         num_blocks: int | None = None,
         cpu_reserved_cores: int | None = None,
@@ -171,18 +175,24 @@ class LLMEngine:
         self.model_config = ModelConfig.from_file(self.model_path)
         model_class(self.model_config)  # refuse unsupported architectures before spawning anything
         safetensors_files(self.model_path)  # and a directory without usable weights
-        self.parallel_config = ParallelConfig(
-            tensor_parallel_size,
-            pipeline_parallel_size,
-            tuple(layer_split) if layer_split else None,
-        )
-        self.parallel_config.check_model(self.model_config)
         self.device = device or _default_device()
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
+        # The layout is decided (or refused) here, before any process starts or weight is read.
+        self.parallel_config, rank_memory = resolve_layout(
+            self.model_config,
+            torch.finfo(self.dtype).bits // 8,
+            self.device,
+            tensor_parallel_size,
+            pipeline_parallel_size,
+            tuple(layer_split) if layer_split else None,
+            placement,
+            device_memory,
+        )
+        self.parallel_config.check_model(self.model_config)
         if self.device == "cuda":
             self._check_gpus()
-        self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
         context = self.model_config.max_position_embeddings
         if max_model_len is not None and max_model_len > context:
             raise ConfigError(
@@ -197,7 +207,7 @@ class LLMEngine:
         self.cache_config = CacheConfig(
             block_size=block_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            device_memory_gb=device_memory_gb,
+            rank_memory_bytes=rank_memory,
             num_blocks_override=num_blocks,
         )
         tokenizer_path = str(resolve_model_path(tokenizer)) if tokenizer else str(self.model_path)

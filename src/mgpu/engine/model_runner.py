@@ -155,8 +155,8 @@ class ModelRunner:
             before = process.memory_info().rss
             self._profile_forward(tokens)
             activations = max(0, process.memory_info().rss - before)
-            if cache.device_memory_gb is not None:
-                share = cache.device_memory_gb * 2**30 / world_size
+            if cache.rank_memory_bytes is not None:
+                share = cache.rank_memory_bytes[self.rank]
                 budget = cache.gpu_memory_utilization * share - self.param_bytes() - activations
             else:
                 share = psutil.virtual_memory().available / world_size
