@@ -239,13 +239,16 @@ class ParallelConfig:
     def check_model(self, model: ModelConfig) -> None:
         """Refuse a layout the model cannot be split into, listing the sizes that work."""
         tp = self.tensor_parallel_size
+        devices = tp * self.pipeline_parallel_size
         valid = valid_tp_sizes(model)
         if tp not in valid:
             raise ConfigError(
                 f"tensor parallel size {tp} does not divide the model's "
                 f"{model.num_attention_heads} attention heads / "
                 f"{model.num_key_value_heads} KV heads; "
-                f"sizes that work: {', '.join(map(str, valid))}"
+                f"sizes that work: {', '.join(map(str, valid))}; for {devices} devices, "
+                f"--pipeline-parallel-size {devices} works (or leave the layout to --placement "
+                "auto)"
             )
         pp = self.pipeline_parallel_size
         if pp > model.num_hidden_layers:
@@ -401,6 +404,11 @@ class EngineArgs:
     compile: bool = _arg(
         False, "compile decode steps with torch.compile: slower start, faster small-model decode"
     )
+    max_steps_in_flight: int | None = _arg(
+        None,
+        "steps outstanding at once (default: the pipeline stages, so every stage works; "
+        "1: one step at a time)",
+    )
     nnodes: int = _arg(1, "machines the ranks are spread over (torchrun's name)", group="nodes")
     node_rank: int = _arg(0, "this machine's index; 0 serves and schedules", group="nodes")
     master_addr: str = _arg("127.0.0.1", "address of node 0 (the rendezvous)", group="nodes")
@@ -500,6 +508,7 @@ class EngineArgs:
             "num_blocks": self.num_gpu_blocks_override,
             "cpu_reserved_cores": self.cpu_reserved_cores,
             "compile_decode": self.compile,
+            "max_steps_in_flight": self.max_steps_in_flight,
             "nnodes": self.nnodes,
             "master_addr": self.master_addr,
             "master_port": self.master_port,

@@ -282,7 +282,7 @@ class Executor:
             self.control = self._wait(
                 lambda: ControlPlane(self._store, 0, world + 1, lc.timeout_s, threads)
             )
-            self._receiver = threading.Thread(
+            self._receiver: threading.Thread = threading.Thread(
                 target=self._receive_loop, daemon=True, name="mgpu-replies"
             )
             self._receiver.start()
@@ -493,3 +493,10 @@ class Executor:
         if hasattr(self, "local"):
             self.local.stop()
         self._expected.put(None)
+        if hasattr(self, "control"):
+            # Tear gloo down now: left to interpreter exit, its threads abort the process.
+            with contextlib.suppress(Exception):
+                self.control.group.abort()
+            receiver = getattr(self, "_receiver", None)
+            if receiver is not None and receiver is not threading.current_thread():
+                receiver.join(timeout=2)

@@ -137,6 +137,8 @@ class LLMEngine:
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
         tokenizer: tokenizer directory or hub id (default: the model's).
         chat_template: a Jinja chat template, or a file holding one (default: the tokenizer's).
+        max_steps_in_flight: micro-batches outstanding at once (default: one per pipeline stage;
+            1 runs one step at a time, for comparison).
         nnodes: machines the ranks are spread over; node 0 (this process) hosts the rendezvous.
         master_addr: node 0's address, as the other nodes reach it.
         master_port: the rendezvous port (0: any free one, single node only).
@@ -165,6 +167,7 @@ class LLMEngine:
         compile_decode: bool = False,
         tokenizer: str | None = None,
         chat_template: str | None = None,
+        max_steps_in_flight: int | None = None,
         nnodes: int = 1,
         master_addr: str = "127.0.0.1",
         master_port: int = 0,
@@ -191,6 +194,11 @@ class LLMEngine:
             device_memory,
         )
         self.parallel_config.check_model(self.model_config)
+        self.max_steps_in_flight = (
+            max_steps_in_flight or self.parallel_config.pipeline_parallel_size
+        )
+        if self.max_steps_in_flight < 1:
+            raise ConfigError(f"--max-steps-in-flight must be >= 1, got {max_steps_in_flight}")
         if self.device == "cuda":
             self._check_gpus()
         context = self.model_config.max_position_embeddings
@@ -229,7 +237,7 @@ class LLMEngine:
             cpu_reserved_cores=cpu_reserved_cores,
             compile_decode=compile_decode,
             tp_collective_bytes=self._tp_collective_bytes(),
-            max_steps_in_flight=self.parallel_config.pipeline_parallel_size,
+            max_steps_in_flight=self.max_steps_in_flight,
             nnodes=nnodes,
             master_addr=master_addr,
             master_port=master_port,
@@ -429,7 +437,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Advance the engine by one collected step; returns the requests that progressed.
 
-        Up to ``pipeline_parallel_size`` disjoint micro-batches are in flight, so every pipeline
+        Up to ``max_steps_in_flight`` (default: ``pipeline_parallel_size``) disjoint micro-batches
+        are in flight, so every pipeline
         stage works at once. The oldest is collected, its tokens appended, the next batches sent
         out, and only then is the host work done (detokenising, stop strings) while the workers
         compute: with one stage, step N+1 runs while step N is post-processed.
@@ -453,7 +462,7 @@ class LLMEngine:
 
     def _fill_pipeline(self) -> None:
         """Submit steps until ``pipeline_parallel_size`` are in flight or nothing is left to run."""
-        depth = self.parallel_config.pipeline_parallel_size
+        depth = self.max_steps_in_flight
         while len(self._in_flight) < depth:
             busy = {item.seq.seq_id for batch in self._in_flight for item in batch}
             max_seqs = self.scheduler_config.max_num_seqs
