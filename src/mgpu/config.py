@@ -350,7 +350,7 @@ IGNORED_BECAUSE = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineArgs:
     """Every engine setting, declared once: the CLI flags and the ``LLM`` keywords come from here.
 
@@ -437,15 +437,16 @@ class EngineArgs:
                 "--trust-remote-code is refused: mgpu never runs code shipped with a model; it "
                 "builds supported architectures from config.json and safetensors weights only"
             )
-        if isinstance(self.layer_split, str):
+        split = self.layer_split
+        if isinstance(split, str):
             try:
-                self.layer_split = tuple(int(x) for x in self.layer_split.split(","))
+                split = tuple(int(x) for x in split.split(","))
             except ValueError:
                 raise ConfigError(
-                    f"--layer-split takes integers like 20,12, got {self.layer_split!r}"
+                    f"--layer-split takes integers like 20,12, got {split!r}"
                 ) from None
-        if self.layer_split is not None:
-            self.layer_split = tuple(self.layer_split)
+        if split is not None:
+            object.__setattr__(self, "layer_split", tuple(split))
 
     @classmethod
     def add_cli_args(cls, parser: Any) -> None:
