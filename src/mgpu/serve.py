@@ -168,26 +168,19 @@ def _print_report(engine: Any, config: Any, url: str) -> None:
         f"PP {pc.pipeline_parallel_size}"
     )
     layout = Table(title=title, title_justify="left")
-    for column in (
-        "rank",
-        "tp rank",
-        "pp rank",
-        "layers",
-        "params (MB)",
-        "KV cache (MB)",
-        "device",
-    ):
-        layout.add_column(column, justify="right" if column != "device" else "left")
-    for r in engine.rank_reports:
-        first, end = r.layer_range
+    columns = ("rank", "node", "device", "layers", "params (MB)", "predicted (MB)", "KV blocks")
+    for column in columns:
+        layout.add_column(column, justify="left" if column == "device" else "right")
+    for row in engine.layout():
+        first, end = row["layers"]
         layout.add_row(
-            str(r.rank),
-            str(r.tp_rank),
-            str(r.pp_rank),
-            f"{first}-{end - 1}" if end > first else "-",
-            f"{r.param_bytes / 1e6:.1f}",
-            f"{r.kv_bytes_per_token * engine.num_kv_tokens / 1e6:.1f}",
-            r.device,
+            str(row["rank"]),
+            str(row["node"]),
+            row["device"],
+            f"[{first}, {end})",
+            f"{row['param_bytes'] / 1e6:.1f}",
+            f"{row['predicted_param_bytes'] / 1e6:.1f}",
+            str(row["kv_blocks"]),
         )
     console.print(layout)
     cache = engine.cache_config
