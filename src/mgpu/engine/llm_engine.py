@@ -257,6 +257,8 @@ class LLMEngine:
         self._to_release: list[int] = []
         # Batches submitted and not yet collected, oldest first (disjoint sets of sequences).
         self._in_flight: deque[list[ScheduledSeq]] = deque()
+        # Outputs of steps collected by _drain(), handed out by the next step().
+        self._drained: list[RequestOutput] = []
         self.stats = EngineStats()
 
     @classmethod
@@ -429,8 +431,8 @@ class LLMEngine:
             self._to_release.append(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
-        """Whether any request is waiting or running."""
-        return self.scheduler.has_unfinished()
+        """Whether any request is waiting or running (or has outputs not yet handed out)."""
+        return bool(self._drained) or self.scheduler.has_unfinished()
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -438,15 +440,16 @@ class LLMEngine:
         """Advance the engine by one collected step; returns the requests that progressed.
 
         Up to ``max_steps_in_flight`` (default: ``pipeline_parallel_size``) disjoint micro-batches
-        are in flight, so every pipeline
-        stage works at once. The oldest is collected, its tokens appended, the next batches sent
-        out, and only then is the host work done (detokenising, stop strings) while the workers
-        compute: with one stage, step N+1 runs while step N is post-processed.
+        are in flight, so every pipeline stage works at once. The oldest is collected, its tokens
+        appended, the next batches sent out, and only then is the host work done (detokenising,
+        stop strings) while the workers compute: with one stage, step N+1 runs while step N is
+        post-processed.
         """
         with self._lock:
+            drained, self._drained = self._drained, []
             self._fill_pipeline()
             if not self._in_flight:
-                return []
+                return drained
             scheduled = self._in_flight[0]
             try:
                 results = self.executor.collect()
@@ -458,10 +461,10 @@ class LLMEngine:
             self._fill_pipeline()
             outputs = self._finish_text(touched)
             self._update_stats()
-            return outputs
+            return drained + outputs
 
     def _fill_pipeline(self) -> None:
-        """Submit steps until ``pipeline_parallel_size`` are in flight or nothing is left to run."""
+        """Submit steps until ``max_steps_in_flight`` are in flight or nothing is left to run."""
         depth = self.max_steps_in_flight
         while len(self._in_flight) < depth:
             busy = {item.seq.seq_id for batch in self._in_flight for item in batch}
@@ -526,12 +529,13 @@ class LLMEngine:
         return outputs
 
     def _drain(self) -> None:
-        """Collect every step in flight (before a call that needs all ranks idle)."""
+        """Collect every step in flight (before a call that needs all ranks idle); their outputs
+        are returned by the next :meth:`step`."""
         while self._in_flight:
             scheduled = self._in_flight[0]
             results = self.executor.collect()
             self._in_flight.popleft()
-            self._finish_text(self._advance(scheduled, results))
+            self._drained.extend(self._finish_text(self._advance(scheduled, results)))
 
     def _count_prefill(self, seq: Sequence, start: int, n: int) -> None:
         """Count the fed positions [start, start + n) as prompt work, or as recomputation when
