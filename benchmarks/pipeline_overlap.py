@@ -15,6 +15,7 @@ Run: ``python benchmarks/pipeline_overlap.py`` (writes docs/benchmarks.md's pipe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp))
         common = {"device": "cpu", "dtype": "float32", "num_blocks": 256, "max_model_len": 512}
@@ -99,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((label, 1, tps))
             print(f"{label}: {tps:.1f} tokens/s", file=sys.stderr)
     speedup = rows[1][2] / rows[0][2]
+    load_after = os.getloadavg()[0]
+    load = f"1-minute load average {load_before:.1f} at the start, {load_after:.1f} at the end"
     start, end = markers("pipeline_overlap", "cpu")
     lines = [
         start,
         "## Pipeline parallelism: steps in flight (CPU)",
         "",
-        f"Machine: {machine_line('cpu')}.",
+        f"Machine: {machine_line('cpu')}; {load} (other jobs shared the cores).",
         "",
         "Command: `python benchmarks/pipeline_overlap.py "
         + " ".join(argv if argv is not None else sys.argv[1:])
@@ -116,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Steps in flight against one at a time: {speedup:.2f}x; bubble fraction "
         f"1 - speedup / 2 = {1 - speedup / 2:.0%} (0% is a perfect two-stage pipeline). "
-        "Model: random Llama, hidden 768, 8 layers, float32 (~57M parameters).",
+        "Model: random Llama, hidden 768, 8 layers, float32 (~57M parameters). With PP=2 each "
+        "stage is pinned to its own core: steps in flight can only pay when both cores are free "
+        "for the workers, which a load average above the core count rules out.",
         end,
     ]
     text = "\n".join(lines)
