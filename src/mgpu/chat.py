@@ -66,7 +66,6 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
 
 
 def sanitize(text: str) -> str:
@@ -146,11 +145,11 @@ class LocalChat:
     """
 
     def __init__(self, args: argparse.Namespace, options: dict[str, Any]):
-        from mgpu.cli import engine_kwargs
+        from mgpu.config import EngineArgs
         from mgpu.engine.llm_engine import LLMEngine
         from mgpu.server.async_engine import AsyncEngine
 
-        engine = LLMEngine(args.model, **engine_kwargs(args))
+        engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
         self.engine = AsyncEngine(engine)
         self.options = options
         self.model_name = engine.model_path.name

@@ -11,86 +11,25 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from mgpu.config import EngineArgs
 from mgpu.errors import MgpuError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that starts an engine (vLLM's names)."""
-    g = parser.add_argument_group("model and layout")
-    g.add_argument("--model", default=None, help="HF model directory or hub id (default: demo)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks per layer")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
-    g.add_argument(
-        "--layer-split",
-        default=None,
-        help="layers per pipeline stage, e.g. 20,12 (default: even)",
-    )
-    g.add_argument(
-        "--enable-expert-parallel",
-        action="store_true",
-        help="MoE models: place whole experts on the TP ranks instead of slicing every expert",
-    )
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half"],
-        help="weights and activations dtype (auto: the checkpoint's)",
-    )
-    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per batch")
-    g.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
-    )
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of each device's memory to use (on CPU: of --device-memory or free RAM)",
-    )
-    g.add_argument(
-        "--device-memory", type=float, default=None, help="CPU only: memory budget in GB"
-    )
-    g.add_argument(
-        "--cpu-reserved-cores",
-        type=int,
-        default=None,
-        help="CPU only: cores kept free for the engine process (default: 1 if cores > ranks)",
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile decode steps with torch.compile: slower start, faster small-model decode",
-    )
+    """Flags shared by every command that starts an engine: one per :class:`EngineArgs` field."""
+    EngineArgs.add_cli_args(parser)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    """LLMEngine keyword arguments from parsed engine flags."""
-    split = None
-    if args.layer_split:
-        try:
-            split = tuple(int(x) for x in args.layer_split.split(","))
-        except ValueError:
-            raise MgpuError(
-                f"--layer-split takes integers like 20,12, got {args.layer_split!r}"
-            ) from None
-    return {
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "pipeline_parallel_size": args.pipeline_parallel_size,
-        "layer_split": split,
-        "enable_expert_parallel": args.enable_expert_parallel,
-        "device": args.device,
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "device_memory_gb": args.device_memory,
-        "cpu_reserved_cores": args.cpu_reserved_cores,
-        "compile_decode": args.compile,
-    }
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """The engine settings of parsed flags; a positional model (``mgpu serve MODEL``) counts too."""
+    positional = getattr(args, "model_tag", None)
+    if positional is not None:
+        if args.model is not None and args.model != positional:
+            raise MgpuError(f"two models given: {positional!r} and --model {args.model!r}")
+        args.model = positional
+    return EngineArgs.from_cli_args(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -105,7 +44,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         stop=args.stop or [],
     )
-    engine = LLMEngine(args.model, **engine_kwargs(args))
+    engine = LLMEngine.from_engine_args(engine_args(args))
     try:
         engine.add_request("cli", args.prompt, params)
         sys.stdout.write(args.prompt)
@@ -131,8 +70,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); --seed seeds it")
     p.set_defaults(handler=_generate)
 
 
@@ -140,6 +78,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     from mgpu.serve import add_serve_arguments, run_server
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="as --model")
     add_engine_arguments(p)
     add_serve_arguments(p)
     p.set_defaults(handler=run_server)
@@ -186,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler
     try:
+        if hasattr(args, "model_tag"):
+            engine_args(args)  # fold `mgpu serve MODEL` into --model, refusing two different ones
         return handler(args)
     except MgpuError as exc:
         if args.debug:

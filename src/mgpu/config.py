@@ -343,13 +343,16 @@ class ParallelConfig:
     def check_model(self, model: ModelConfig) -> None:
         """Refuse a layout the model cannot be split into, listing the sizes that work."""
         tp = self.tensor_parallel_size
+        devices = tp * self.pipeline_parallel_size
         valid = valid_tp_sizes(model)
         if tp not in valid:
             raise ConfigError(
                 f"tensor parallel size {tp} does not divide the model's "
                 f"{model.num_attention_heads} attention heads / "
                 f"{model.num_key_value_heads} KV heads; "
-                f"sizes that work: {', '.join(map(str, valid))}"
+                f"sizes that work: {', '.join(map(str, valid))}; for {devices} devices, "
+                f"--pipeline-parallel-size {devices} works (or leave the layout to --placement "
+                "auto)"
             )
         if self.enable_expert_parallel and not model.is_moe:
             raise ConfigError(
@@ -405,7 +408,8 @@ class CacheConfig:
 
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
-    device_memory_gb: float | None = None
+    #: CPU only: memory of each rank in bytes (from ``--device-memory``); None: the available RAM.
+    rank_memory_bytes: tuple[int, ...] | None = None
     num_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
@@ -441,3 +445,213 @@ class SchedulerConfig:
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     """Number of KV blocks that hold ``num_tokens`` tokens."""
     return math.ceil(num_tokens / block_size)
+
+
+def _arg(default: Any, help: str, **cli: Any) -> Any:
+    """A settings field: its default, its help (the CLI's too) and argparse extras."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+#: vLLM flags mgpu accepts without acting on them, and why (printed once at start-up when set).
+IGNORED_BECAUSE = {
+    "seed": "sampling seeds are per request (the request's `seed` field)",
+    "enforce_eager": "mgpu runs eagerly unless --compile is given",
+    "swap_space": "pre-empted sequences are recomputed, never swapped to CPU memory",
+    "kv_cache_dtype": "the KV cache is kept in the model's dtype",
+    "enable_prefix_caching": "there is no prefix cache yet",
+    "quantization": "this build serves unquantised checkpoints only",
+    "disable_log_stats": "mgpu prints no periodic statistics (see /metrics)",
+    "disable_log_requests": "mgpu logs requests only at --log-level info",
+}
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Every engine setting, declared once: the CLI flags and the ``LLM`` keywords come from here.
+
+    Each field's ``help`` becomes its ``--flag`` help (``_`` turned into ``-``), vLLM's names.
+    """
+
+    model: str | None = _arg(None, "HF model directory or hub id (default: the bundled demo)")
+    tokenizer: str | None = _arg(None, "tokenizer directory or hub id (default: the model's)")
+    chat_template: str | None = _arg(
+        None, "chat template: a Jinja file or the template itself (default: the tokenizer's)"
+    )
+    tensor_parallel_size: int | None = _arg(
+        None, "ranks each layer is split over (default: --placement auto)", flags=("-tp",)
+    )
+    pipeline_parallel_size: int | None = _arg(
+        None, "pipeline stages (default: --placement auto)", flags=("-pp",)
+    )
+    layer_split: tuple[int, ...] | None = _arg(
+        None, "layers per pipeline stage, e.g. 20,12 (default: even)", type="ints"
+    )
+    enable_expert_parallel: bool = _arg(
+        False, "MoE models: place whole experts on the TP ranks instead of slicing every expert"
+    )
+    device: str | None = _arg(None, "cpu or cuda (default: cuda if any)", choices=("cpu", "cuda"))
+    dtype: str = _arg(
+        "auto",
+        "weights and activations dtype (auto: the checkpoint's)",
+        choices=("auto", *DTYPES),
+    )
+    max_model_len: int | None = _arg(None, "longest prompt + completion (default: the model's)")
+    max_num_seqs: int = _arg(64, "most sequences per batch")
+    max_num_batched_tokens: int | None = _arg(None, "token budget of one step")
+    gpu_memory_utilization: float = _arg(
+        0.9, "fraction of each device's memory to use (on CPU: of --device-memory or free RAM)"
+    )
+    device_memory: str | None = _arg(
+        None,
+        "CPU only: memory of each device, e.g. 24GiB,12GiB (one entry per rank; a single entry "
+        "is the whole engine's budget under a manual layout); default: the available RAM",
+    )
+    placement: str = _arg(
+        "auto",
+        "auto: build the layout from the devices' memory unless -tp, -pp or --layer-split is "
+        "given; manual: one rank unless they are",
+        choices=("auto", "manual"),
+    )
+    block_size: int = _arg(16, "tokens per KV-cache block")
+    num_gpu_blocks_override: int | None = _arg(
+        None, "fix the KV cache at this many blocks instead of profiling memory"
+    )
+    cpu_reserved_cores: int | None = _arg(
+        None, "CPU only: cores kept free for the engine process (default: 1 if cores > ranks)"
+    )
+    compile: bool = _arg(
+        False, "compile decode steps with torch.compile: slower start, faster small-model decode"
+    )
+    max_steps_in_flight: int | None = _arg(
+        None,
+        "steps outstanding at once (default: the pipeline stages, so every stage works; "
+        "1: one step at a time)",
+    )
+    nnodes: int = _arg(1, "machines the ranks are spread over (torchrun's name)", group="nodes")
+    node_rank: int = _arg(0, "this machine's index; 0 serves and schedules", group="nodes")
+    master_addr: str = _arg("127.0.0.1", "address of node 0 (the rendezvous)", group="nodes")
+    master_port: int = _arg(0, "rendezvous port on node 0 (0: any free, one node)", group="nodes")
+    trust_remote_code: bool = _arg(
+        False, "refused: mgpu never runs a model's own code", group="vllm"
+    )
+    seed: int | None = _arg(None, "vLLM's seed (see the start-up line)", group="vllm")
+    enforce_eager: bool = _arg(False, "vLLM's flag; mgpu is eager by default", group="vllm")
+    swap_space: float | None = _arg(
+        None, "vLLM's CPU swap in GiB (see the start-up line)", group="vllm"
+    )
+    kv_cache_dtype: str = _arg("auto", "vLLM's KV-cache dtype (auto only)", group="vllm")
+    enable_prefix_caching: bool = _arg(
+        False, "vLLM's prefix cache (see the start-up line)", group="vllm"
+    )
+    quantization: str | None = _arg(
+        None, "vLLM's quantization method (see the start-up line)", group="vllm"
+    )
+    disable_log_stats: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
+    disable_log_requests: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
+
+    def __post_init__(self) -> None:
+        if self.trust_remote_code:
+            raise ConfigError(
+                "--trust-remote-code is refused: mgpu never runs code shipped with a model; it "
+                "builds supported architectures from config.json and safetensors weights only"
+            )
+        split = self.layer_split
+        if isinstance(split, str):
+            try:
+                split = tuple(int(x) for x in split.split(","))
+            except ValueError:
+                raise ConfigError(
+                    f"--layer-split takes integers like 20,12, got {split!r}"
+                ) from None
+        if split is not None:
+            object.__setattr__(self, "layer_split", tuple(split))
+
+    @classmethod
+    def add_cli_args(cls, parser: Any) -> None:
+        """Add one flag per field to an ``argparse`` parser, in groups.
+
+        Args:
+            parser: the subcommand's parser.
+        """
+        import dataclasses
+
+        titles = {
+            "engine": "model and layout",
+            "nodes": "multi-node (every node runs the same command)",
+            "vllm": "vLLM compatibility",
+        }
+        groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            names = [f"--{f.name.replace('_', '-')}", *meta.get("flags", ())]
+            group = groups[meta.get("group", "engine")]
+            if isinstance(f.default, bool):
+                group.add_argument(*names, dest=f.name, action="store_true", help=meta["help"])
+                continue
+            kind = meta.get("type")
+            convert: Any = str if kind == "ints" else _value_type(f.default, f.type)
+            group.add_argument(
+                *names,
+                dest=f.name,
+                type=convert,
+                default=f.default,
+                choices=meta.get("choices"),
+                help=meta["help"],
+            )
+
+    @classmethod
+    def from_cli_args(cls, args: Any) -> EngineArgs:
+        """The settings of a parsed ``argparse`` namespace (fields it lacks keep their default)."""
+        import dataclasses
+
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~mgpu.engine.llm_engine.LLMEngine` (all but ``model``)."""
+        return {
+            "tokenizer": self.tokenizer,
+            "chat_template": self.chat_template,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "layer_split": self.layer_split,
+            "enable_expert_parallel": self.enable_expert_parallel,
+            "device": self.device,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "device_memory": self.device_memory,
+            "placement": self.placement,
+            "block_size": self.block_size,
+            "num_blocks": self.num_gpu_blocks_override,
+            "cpu_reserved_cores": self.cpu_reserved_cores,
+            "compile_decode": self.compile,
+            "max_steps_in_flight": self.max_steps_in_flight,
+            "nnodes": self.nnodes,
+            "master_addr": self.master_addr,
+            "master_port": self.master_port,
+        }
+
+    def ignored(self) -> str | None:
+        """One line naming each vLLM flag given that mgpu does not act on, and why."""
+        import dataclasses
+
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        parts = []
+        for name, why in IGNORED_BECAUSE.items():
+            value = getattr(self, name)
+            if value != defaults[name] and not (name == "kv_cache_dtype" and value == "auto"):
+                parts.append(f"--{name.replace('_', '-')} ({why})")
+        return "ignored: " + "; ".join(parts) if parts else None
+
+
+def _value_type(default: Any, annotation: Any) -> Any:
+    """The argparse ``type`` of a field, from its default or its annotation string."""
+    text = str(annotation)
+    if isinstance(default, float) or text.startswith("float"):
+        return float
+    if isinstance(default, int) or text.startswith("int"):
+        return int
+    return str

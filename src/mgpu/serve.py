@@ -24,7 +24,7 @@ API_KEY_ENV = "MGPU_API_KEY"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The server's own flags (the engine flags come from ``mgpu.cli.add_engine_arguments``).
+    """The server's own flags (the engine flags come from :class:`mgpu.config.EngineArgs`).
 
     Args:
         parser: the ``serve`` subcommand's parser.
@@ -71,12 +71,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a client has to send a whole request (headers and body) once connected",
     )
     g.add_argument(
-        "--num-gpu-blocks-override",
-        type=int,
+        "--uvicorn-log-level",
         default=None,
-        help="fix the KV cache at this many blocks instead of profiling memory",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level (default: --log-level)",
     )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve the model and layout, print the per-rank table, exit (no weights read)",
+    )
     g.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
@@ -90,25 +94,29 @@ def run_server(args: argparse.Namespace) -> int:
     Args:
         args: parsed ``serve`` flags (engine and server).
     """
-    from mgpu.cli import engine_kwargs
+    from mgpu.config import EngineArgs
+    from mgpu.engine.headless import dry_run, run_headless
     from mgpu.engine.llm_engine import LLMEngine
     from mgpu.server.app import ServerConfig, build_app
     from mgpu.server.async_engine import AsyncEngine
     from mgpu.server.lifecycle import serve
 
+    engine_args = EngineArgs.from_cli_args(args)
+    if args.dry_run:
+        return dry_run(engine_args)
+    if engine_args.node_rank > 0:
+        return run_headless(engine_args)
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     for flag in ("shutdown_timeout", "timeout_keep_alive", "timeout_request_read"):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    ignored = engine_args.ignored()
+    if ignored:
+        print(f"mgpu serve: {ignored}", flush=True)
     sock = _bind(args.host, args.port)
-    kwargs = {
-        **engine_kwargs(args),
-        "num_blocks": args.num_gpu_blocks_override,
-        "block_size": args.block_size,
-    }
     try:
-        engine = LLMEngine(args.model, **kwargs)
+        engine = LLMEngine.from_engine_args(engine_args)
     except BaseException:
         sock.close()
         raise
@@ -139,7 +147,7 @@ def run_server(args: argparse.Namespace) -> int:
                 flush=True,
             )
         settings = {
-            "log_level": getattr(args, "log_level", "warning").lower(),
+            "log_level": (args.uvicorn_log_level or getattr(args, "log_level", "warning")).lower(),
             "timeout_keep_alive": args.timeout_keep_alive,
             "timeout_request_read": args.timeout_request_read,
             "shutdown_timeout": args.shutdown_timeout,
@@ -204,26 +212,19 @@ def _print_report(engine: Any, config: Any, url: str) -> None:
         f"PP {pc.pipeline_parallel_size}"
     )
     layout = Table(title=title, title_justify="left")
-    for column in (
-        "rank",
-        "tp rank",
-        "pp rank",
-        "layers",
-        "params (MB)",
-        "KV cache (MB)",
-        "device",
-    ):
-        layout.add_column(column, justify="right" if column != "device" else "left")
-    for r in engine.rank_reports:
-        first, end = r.layer_range
+    columns = ("rank", "node", "device", "layers", "params (MB)", "predicted (MB)", "KV blocks")
+    for column in columns:
+        layout.add_column(column, justify="left" if column == "device" else "right")
+    for row in engine.layout():
+        first, end = row["layers"]
         layout.add_row(
-            str(r.rank),
-            str(r.tp_rank),
-            str(r.pp_rank),
-            f"{first}-{end - 1}" if end > first else "-",
-            f"{r.param_bytes / 1e6:.1f}",
-            f"{r.kv_bytes_per_token * engine.num_kv_tokens / 1e6:.1f}",
-            r.device,
+            str(row["rank"]),
+            str(row["node"]),
+            row["device"],
+            f"[{first}, {end})",
+            f"{row['param_bytes'] / 1e6:.1f}",
+            f"{row['predicted_param_bytes'] / 1e6:.1f}",
+            str(row["kv_blocks"]),
         )
     console.print(layout)
     cache = engine.cache_config

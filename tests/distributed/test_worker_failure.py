@@ -18,20 +18,36 @@ from mgpu import LLM, SamplingParams
 from mgpu.errors import WorkerError
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_killed_worker_raises_quickly(tiny_llama: Path) -> None:
     llm = LLM(str(tiny_llama), tensor_parallel_size=2, device="cpu", dtype="float32", num_blocks=64)
     pids = [p.pid for p in llm.engine.executor.procs]
-    killer = threading.Timer(1.0, os.kill, (pids[1], signal.SIGKILL))
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pids[1], signal.SIGKILL)
+
+    killer = threading.Timer(1.0, kill)
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-    start = time.monotonic()
     killer.start()
     with pytest.raises(WorkerError, match=r"worker rank 1 .* died"):
         for _ in range(1000):  # long enough that the kill lands mid-generation
             llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, params, use_tqdm=False)
-    assert time.monotonic() - start < 10
+    # Within a second of the kill (with a margin for this loaded test machine).
+    assert time.monotonic() - killed_at[0] < 1.5
     assert not llm.engine.is_healthy
-    for pid in pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # The survivors are stopped in the background, after the error has been raised.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if _running(p)]
     llm.shutdown()
 
 
@@ -69,4 +85,4 @@ def test_no_orphans_when_parent_is_killed(tiny_llama: Path, tmp_path: Path) -> N
 def test_shutdown_leaves_no_process(tiny_llama: Path) -> None:
     with LLM(str(tiny_llama), tensor_parallel_size=2, device="cpu", num_blocks=16) as llm:
         procs = list(llm.engine.executor.procs)
-    assert all(not p.is_alive() for p in procs)
+    assert all(p.poll() is not None for p in procs)

@@ -43,13 +43,17 @@ def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
     return torch.cat(parts, dim=-1) if parts is not None else None
 
 
-def pp_send(x: torch.Tensor) -> None:
-    """Send ``x`` to the next pipeline stage (same TP position)."""
-    dist.send(x.contiguous(), dst=ps.pp_neighbour(+1))
+def pp_send(x: torch.Tensor) -> dist.Work:
+    """Start sending ``x`` to the next pipeline stage (same TP position) on the PP group.
+
+    Returns the pending send: the caller keeps ``x`` alive and waits on it before reusing ``x``,
+    so this stage can start its next micro-batch while the next stage takes this one.
+    """
+    return dist.isend(x, dst=ps.pp_neighbour(+1), group=ps.get_pp_group())
 
 
 def pp_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Receive a tensor of known shape from the previous pipeline stage."""
+    """Receive a tensor of known shape from the previous pipeline stage, on the PP group."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(out, src=ps.pp_neighbour(-1))
+    dist.recv(out, src=ps.pp_neighbour(-1), group=ps.get_pp_group())
     return out

@@ -125,6 +125,11 @@ def get_tp_group() -> dist.ProcessGroup | None:
     return _STATE.tp_group
 
 
+def get_pp_group() -> dist.ProcessGroup | None:
+    """The pipeline-parallel group: this TP position's rank in every stage."""
+    return _STATE.pp_group
+
+
 def get_pp_size() -> int:
     """Number of pipeline stages."""
     return _STATE.pp_size

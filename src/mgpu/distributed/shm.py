@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,6 +44,54 @@ def make_buffers(group_size: int, slot_bytes: int) -> tuple[torch.Tensor, torch.
     flags = torch.zeros(group_size, dtype=torch.int64).share_memory_()
     data = torch.zeros(2, group_size, slot_bytes, dtype=torch.uint8).share_memory_()
     return flags, data
+
+
+@dataclass(frozen=True)
+class ShmFiles:
+    """File-backed shared buffers of one group, opened by name in each process that uses them.
+
+    Workers are separate interpreters (not forked or spawned children), so the buffers travel by
+    name: two files in ``/dev/shm`` (or the temporary directory), named with a random id.
+
+    Args:
+        flags_path: file of the (group_size,) int64 call counters.
+        data_path: file of the (2, group_size, slot_bytes) uint8 slots.
+        group_size: ranks in the group.
+        slot_bytes: bytes of one rank's slot.
+    """
+
+    flags_path: str
+    data_path: str
+    group_size: int
+    slot_bytes: int
+
+    @classmethod
+    def create(cls, group_size: int, slot_bytes: int) -> ShmFiles:
+        """Create zeroed buffer files for a group of ``group_size`` ranks."""
+        root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        name = f"mgpu-{uuid.uuid4().hex}"
+        files = cls(str(root / f"{name}-flags"), str(root / f"{name}-data"), group_size, slot_bytes)
+        for path, nbytes in (
+            (files.flags_path, group_size * 8),
+            (files.data_path, 2 * group_size * slot_bytes),
+        ):
+            with open(path, "wb") as f:
+                f.truncate(nbytes)
+        return files
+
+    def open(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map the files: flags (group_size,) int64 and data (2, group_size, slot_bytes) uint8."""
+        n = self.group_size
+        flags = torch.from_file(self.flags_path, shared=True, size=n, dtype=torch.int64)
+        data = torch.from_file(
+            self.data_path, shared=True, size=2 * n * self.slot_bytes, dtype=torch.uint8
+        )
+        return flags, data.view(2, n, self.slot_bytes)
+
+    def unlink(self) -> None:
+        """Remove the files (mapped views stay valid until their processes drop them)."""
+        for path in (self.flags_path, self.data_path):
+            Path(path).unlink(missing_ok=True)
 
 
 class ShmGroup:

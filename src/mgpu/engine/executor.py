@@ -1,34 +1,58 @@
-"""Spawns the worker processes and talks to them: one small message per step, replies from one rank.
+"""Launches the ranks and drives them through the control plane: submit a step, collect its reply.
 
-A worker that dies (killed, out of memory, crashed) is noticed within one wait: every wait watches
-the process sentinels as well as the pipes. The engine then stops every worker and raises
-:class:`WorkerError`, so callers get an error instead of a hang, and no process is left behind.
+::
+
+    Executor (engine process, control rank 0)
+       │ submit(): one broadcast of ("call", step_id, method, args, reply_all)
+       ▼
+    rank 0 … rank N-1 (``python -m mgpu.engine.worker``, here or on other nodes)
+       │ the output rank (or every rank, for ``call_all``) sends (step_id, result)
+       ▼
+    receiver thread ──► replies queue ──► collect() (oldest step first)
+
+Several steps may be in flight: each worker serves messages in order and pipeline stages hand
+hidden states on asynchronously, so with ``pp_size`` steps outstanding every stage is busy.
+
+Liveness is watched in every wait: local workers by their process status, every rank by the
+errors it writes to the rendezvous store and by its heartbeat there (ranks on other nodes). A dead
+or failed rank makes the wait raise :class:`~mgpu.errors.WorkerError` (or the worker's own
+:class:`~mgpu.errors.MgpuError`) within :data:`POLL_S` to a few tenths of a second; the survivors
+are then stopped on a background thread, so the caller is never blocked by the clean-up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-import multiprocessing as mp
 import os
+import pickle
+import queue
 import signal
+import subprocess
 import threading
 import time
 import weakref
-from multiprocessing.connection import Connection, wait
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing
 
 from mgpu.config import CacheConfig, ModelConfig, ParallelConfig
-from mgpu.distributed.shm import make_buffers, shm_collectives_supported
-from mgpu.engine.worker import WorkerInit, worker_main
+from mgpu.distributed.control import ControlPlane
+from mgpu.distributed.shm import ShmFiles, shm_collectives_supported
+from mgpu.engine.worker import ERRORS_KEY, SHUTDOWN_KEY, WorkerInit, launch
 from mgpu.errors import MgpuError, WorkerError
 
 logger = logging.getLogger("mgpu.executor")
+
+#: Seconds between two liveness checks of local processes while waiting.
+POLL_S = 0.02
+#: Seconds between two checks of the store (errors, heartbeats).
+STORE_POLL_S = 0.2
 
 
 def cpu_shares(world_size: int, reserved: int | None = None) -> list[list[int]]:
@@ -51,20 +75,63 @@ def cpu_shares(world_size: int, reserved: int | None = None) -> list[list[int]]:
     return [[cores[i % len(cores)]] for i in range(world_size)]
 
 
-class Executor:
-    """Owns the workers of one engine.
+def node_ranks(world_size: int, nnodes: int, node_rank: int) -> list[int]:
+    """Global ranks hosted by node ``node_rank``: contiguous, ``world_size / nnodes`` each.
+
+    With TP innermost, a node holds whole TP groups whenever ``tp_size`` divides the ranks per node.
+    """
+    if nnodes < 1 or world_size % nnodes:
+        raise MgpuError(f"{world_size} ranks cannot be split evenly over --nnodes {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise MgpuError(f"--node-rank must be in 0..{nnodes - 1}, got {node_rank}")
+    per = world_size // nnodes
+    return list(range(node_rank * per, (node_rank + 1) * per))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What every rank needs besides the model and layout: device, dtype, rendezvous.
+
+    Args:
+        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, one GPU per rank).
+        dtype_name: dtype of weights and activations.
+        cache_config: KV-cache settings.
+        cpu_reserved_cores: on CPU, cores kept free for the engine process (see :func:`cpu_shares`).
+        compile_decode: compile the workers' decode steps with ``torch.compile``.
+        tp_collective_bytes: on CPU, the largest TP collective that goes through shared memory
+            (:mod:`mgpu.distributed.shm`); 0 keeps every collective on gloo.
+        nnodes: machines the ranks are spread over.
+        master_addr: address of node 0, which hosts the rendezvous store.
+        master_port: port of the store (0: one the OS picks; single node only).
+        max_steps_in_flight: most steps outstanding at once (bounds the control group's threads).
+        heartbeat_timeout_s: a rank whose heartbeat stalls this long is declared dead.
+        timeout_s: how long a collective may wait for a peer.
+    """
+
+    device_type: str
+    dtype_name: str
+    cache_config: CacheConfig
+    cpu_reserved_cores: int | None = None
+    compile_decode: bool = False
+    tp_collective_bytes: int = 0
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    max_steps_in_flight: int = 1
+    heartbeat_timeout_s: float = 5.0
+    timeout_s: float = 300.0
+
+
+class WorkerSet:
+    """The ranks of one node, started as their own interpreters.
 
     Args:
         model_path: the model directory.
         model_config: the architecture.
-        parallel_config: the layout (one worker per rank).
-        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, one GPU per rank).
-        dtype_name: dtype of weights and activations.
-        cache_config: KV-cache settings the workers size and lay out their caches by.
-        cpu_reserved_cores: on CPU, cores kept free for this process (see :func:`cpu_shares`).
-        compile_decode: compile the workers' decode steps with ``torch.compile``.
-        tp_collective_bytes: on CPU, the largest TP collective that goes through shared memory
-            (:mod:`mgpu.distributed.shm`); 0 keeps every collective on gloo.
+        parallel_config: the layout.
+        launch_config: device, dtype and rendezvous.
+        ranks: the global ranks to start here.
+        store_port: the rendezvous store's port.
     """
 
     def __init__(
@@ -72,174 +139,364 @@ class Executor:
         model_path: Path,
         model_config: ModelConfig,
         parallel_config: ParallelConfig,
-        device_type: str,
-        dtype_name: str,
-        cache_config: CacheConfig,
-        cpu_reserved_cores: int | None = None,
-        compile_decode: bool = False,
-        tp_collective_bytes: int = 0,
+        launch_config: LaunchConfig,
+        ranks: list[int],
+        store_port: int,
     ):
-        self.parallel_config = parallel_config
-        world = parallel_config.world_size
+        lc = launch_config
         tp = parallel_config.tensor_parallel_size
-        self.output_rank = (parallel_config.pipeline_parallel_size - 1) * tp
-        # The engine hosts the rendezvous store on a port the OS picks: two engines never collide.
-        self._store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
-        ctx = mp.get_context("spawn")
-        shares = cpu_shares(world, cpu_reserved_cores) if device_type == "cpu" else [None] * world
-        # One set of shared buffers per TP group (the ranks of one pipeline stage), created here so
-        # the workers inherit them at spawn; the engine process keeps them alive.
-        self._tp_buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * (world // tp)
-        if device_type == "cpu" and tp > 1 and tp_collective_bytes and shm_collectives_supported():
-            self._tp_buffers = [make_buffers(tp, tp_collective_bytes) for _ in range(world // tp)]
-        self.procs: list[mp.process.BaseProcess] = []
-        self.conns: list[Connection] = []
-        self._closed = False
-        self._stopper: threading.Thread | None = None
-        for rank in range(world):
-            parent, child = ctx.Pipe(duplex=True)
+        shares = cpu_shares(len(ranks), lc.cpu_reserved_cores) if lc.device_type == "cpu" else None
+        # One set of shared buffers per TP group held entirely by this node (CPU only).
+        self.shm_files: dict[int, ShmFiles] = {}
+        use_shm = lc.device_type == "cpu" and tp > 1 and lc.tp_collective_bytes
+        if use_shm and shm_collectives_supported():
+            for first in ranks[::tp]:
+                if first % tp == 0 and first + tp - 1 in ranks:
+                    self.shm_files[first // tp] = ShmFiles.create(tp, lc.tp_collective_bytes)
+        self.ranks = ranks
+        self.procs: list[subprocess.Popen] = []
+        for i, rank in enumerate(ranks):
             init = WorkerInit(
                 rank=rank,
                 model_path=model_path,
                 model_config=model_config,
                 parallel_config=parallel_config,
-                device_type=device_type,
-                dtype_name=dtype_name,
-                store_host="127.0.0.1",
-                store_port=self._store.port,
-                cpu_ids=shares[rank],
+                device_type=lc.device_type,
+                dtype_name=lc.dtype_name,
+                store_host=lc.master_addr,
+                store_port=store_port,
+                cpu_ids=shares[i] if shares else None,
                 parent_pid=os.getpid(),
                 spawned_by_main_thread=threading.current_thread() is threading.main_thread(),
-                cache_config=cache_config,
-                compile_decode=compile_decode,
-                tp_shm_buffers=self._tp_buffers[rank // tp],
+                cache_config=lc.cache_config,
+                compile_decode=lc.compile_decode,
+                tp_shm=self.shm_files.get(rank // tp),
+                control_threads=lc.max_steps_in_flight + 1,
+                timeout_s=lc.timeout_s,
             )
-            proc = ctx.Process(
-                target=worker_main, args=(init, child), name=f"mgpu-rank{rank}", daemon=True
-            )
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            self.conns.append(parent)
-        # Runs at garbage collection or interpreter exit, whichever comes first.
-        self._finalizer = weakref.finalize(self, _kill_all, list(self.procs))
-        self.reports = self._collect(range(world))
+            self.procs.append(launch(init))
+        self._finalizer = weakref.finalize(self, _kill_all, list(self.procs), self.shm_files)
 
-    @property
-    def is_alive(self) -> bool:
-        """Whether every worker is running."""
-        return not self._closed and all(p.is_alive() for p in self.procs)
-
-    def _collect(self, ranks: range | list[int]) -> list[Any]:
-        """Wait for one reply from each of ``ranks``, failing fast on any death or error."""
-        pending = {self.conns[r]: r for r in ranks}
-        results: dict[int, Any] = {}
-        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
-        while pending:
-            ready = wait(list(self.conns) + list(sentinels))
-            for obj in ready:
-                if obj in sentinels:
-                    rank = sentinels[obj]
-                    # A dying worker may have sent its error first: report that, it says more.
-                    if self.conns[rank].poll():
-                        self._receive(rank)
-                    self.procs[rank].join(timeout=1)
-                    code = self.procs[rank].exitcode
-                    self._fail(
-                        f"worker rank {rank} (pid {self.procs[rank].pid}) died with exit "
-                        f"code {code}"
-                    )
-                rank = self.conns.index(obj)  # type: ignore[arg-type]
-                value = self._receive(rank)
-                if obj in pending:
-                    results[rank] = value
-                    del pending[obj]
-        return [results[r] for r in ranks]
-
-    def _receive(self, rank: int) -> Any:
-        try:
-            status, *payload = self.conns[rank].recv()
-        except (EOFError, OSError):
-            self._fail_dead(rank)
-        if status == "ok":
-            return payload[0]
-        exc, text = payload
-        logger.debug("worker rank %d failed:\n%s", rank, text)
-        if isinstance(exc, MgpuError):
-            self.shutdown()
-            raise exc
-        self._fail(f"worker rank {rank} failed: {type(exc).__name__}: {exc}")
+    def dead(self) -> tuple[int, subprocess.Popen] | None:
+        """(global rank, process) of the first local worker that has exited, if any."""
+        for rank, proc in zip(self.ranks, self.procs, strict=True):
+            if proc.poll() is not None:
+                return rank, proc
         return None
 
-    def _fail_dead(self, rank: int) -> None:
-        proc = self.procs[rank]
-        proc.join(timeout=0.2)  # a closed pipe comes just before the exit: wait for its code
-        how = f"exit code {proc.exitcode}"
-        if proc.exitcode is not None and proc.exitcode < 0:
-            how = f"signal {signal.Signals(-proc.exitcode).name}"
-        self._fail(f"worker rank {rank} (pid {proc.pid}) died ({how})")
-
-    def _fail(self, message: str) -> None:
-        # The engine is down: kill the survivors rather than ask them to stop (one blocked in a
-        # collective with the dead rank takes seconds), wait for them at most half a second,
-        # and leave the rest of the clean-up to a thread, so the caller fails its requests now.
-        if not self._closed:
-            self._closed = True
-            for proc in self.procs:
-                if proc.is_alive():
-                    proc.kill()
-            deadline = time.monotonic() + 0.5
-            for proc in self.procs:
-                proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            self._stopper = threading.Thread(target=self._stop_workers, name="mgpu-stop-workers")
-            self._stopper.start()
-        raise WorkerError(message + "; the engine is stopping all its workers")
-
-    def _send(self, ranks: range | list[int], method: str, args: tuple, reply: bool) -> None:
-        if self._closed:
-            raise WorkerError("the engine's workers have been shut down")
-        for rank in ranks:
-            try:
-                self.conns[rank].send((method, args, reply))
-            except (BrokenPipeError, OSError):
-                self._fail(f"worker rank {rank} is not reachable")
-
-    def call_all(self, method: str, *args: Any) -> list[Any]:
-        """Call ``ModelRunner.method`` on every rank; returns the replies in rank order."""
-        ranks = range(len(self.procs))
-        self._send(ranks, method, args, reply=True)
-        return self._collect(ranks)
-
-    def execute(self, step: Any) -> Any:
-        """Run one step on every rank; returns the output rank's sampled tokens."""
-        self._send(range(len(self.procs)), "execute", (step,), reply=False)
-        return self._collect([self.output_rank])[0]
-
-    def shutdown(self) -> None:
-        """Stop every worker: politely, then by force. Safe to call twice; returns once they are
-        all gone (also when a failure started stopping them in the background)."""
-        if self._closed:
-            if self._stopper is not None:
-                self._stopper.join()
-            return
-        self._closed = True
-        self._stop_workers()
-
-    def _stop_workers(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(("shutdown", (), False))
+    def stop(self, grace_s: float = 3.0) -> None:
+        """Wait up to ``grace_s`` for the workers to exit, then kill the rest; remove shm files."""
+        deadline = time.monotonic() + grace_s
         for proc in self.procs:
-            proc.join(timeout=3)
-        _kill_all(self.procs)
-        for conn in self.conns:
-            conn.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        _kill_all(self.procs, self.shm_files)
         self._finalizer.detach()
 
 
-def _kill_all(procs: list[mp.process.BaseProcess]) -> None:
+def _kill_all(procs: list[subprocess.Popen], shm_files: dict[int, ShmFiles]) -> None:
     for proc in procs:
-        if proc.is_alive():
+        if proc.poll() is None:
             proc.kill()
     for proc in procs:
-        proc.join(timeout=5)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            logger.warning("worker pid %d did not exit after SIGKILL", proc.pid)
+    for files in shm_files.values():
+        files.unlink()
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit code N`` or ``signal SIGKILL`` for a process's return code."""
+    if code is not None and code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class Executor:
+    """Owns the ranks of one engine: starts them, sends them steps, collects replies.
+
+    Args:
+        model_path: the model directory.
+        model_config: the architecture.
+        parallel_config: the layout (one worker per rank).
+        launch_config: device, dtype, KV-cache settings and rendezvous.
+
+    Threading: ``submit``, ``collect`` and ``call_all`` are called by one thread at a time (the
+    engine's, under its lock). The receiver thread only receives; ``_store_lock`` guards the store
+    client, which the caller's thread and the clean-up thread share.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_config: ModelConfig,
+        parallel_config: ParallelConfig,
+        launch_config: LaunchConfig,
+    ):
+        self.parallel_config = parallel_config
+        self.launch_config = launch_config
+        world = parallel_config.world_size
+        self.world_size = world
+        tp = parallel_config.tensor_parallel_size
+        self.output_rank = (parallel_config.pipeline_parallel_size - 1) * tp
+        lc = launch_config
+        if lc.nnodes > 1 and not lc.master_port:
+            raise MgpuError("--nnodes > 1 needs --master-port (the same on every node)")
+        # Node 0 hosts the store; on one node the OS picks its port, so engines never collide.
+        try:
+            self._store = dist.TCPStore(
+                lc.master_addr,
+                lc.master_port,
+                world + 1,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=lc.timeout_s),
+            )
+        except Exception as exc:
+            raise MgpuError(
+                f"cannot host the rendezvous store on {lc.master_addr}:{lc.master_port}: {exc}"
+            ) from None
+        self._store_lock = threading.Lock()
+        self.local = WorkerSet(
+            model_path,
+            model_config,
+            parallel_config,
+            lc,
+            node_ranks(world, lc.nnodes, 0),
+            self._store.port,
+        )
+        self._closed = False
+        self.error: str | None = None
+        self._ids = itertools.count()
+        self._expected: queue.Queue[tuple[int, list[int], bool] | None] = queue.Queue()
+        self._replies: queue.Queue[tuple[int, Any] | BaseException] = queue.Queue()
+        self._outstanding: deque[int] = deque()
+        self._heartbeats: dict[int, tuple[int, float]] = {}
+        self._last_store_poll = 0.0
+        # Heartbeats count only once every rank has loaded: imports hold the GIL for seconds.
+        self._ready = False
+        try:
+            threads = lc.max_steps_in_flight + 1
+            self.control = self._wait(
+                lambda: ControlPlane(self._store, 0, world + 1, lc.timeout_s, threads)
+            )
+            self._receiver: threading.Thread = threading.Thread(
+                target=self._receive_loop, daemon=True, name="mgpu-replies"
+            )
+            self._receiver.start()
+            self._outstanding.append(-1)
+            self._expected.put((-1, list(range(world)), True))
+            self.reports = self._collect_id(-1)
+            self._ready = True
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- liveness -----------------------------------------------------------------------------
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        """This node's worker processes."""
+        return self.local.procs
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether every rank is running: no failure seen, no local worker exited, and (checked
+        at most every :data:`STORE_POLL_S`) no error or stalled heartbeat in the store.
+
+        Callable from any thread (``/health``): the store client is behind ``_store_lock``, and
+        a failure found here is recorded and stops the workers as it would in a wait.
+        """
+        if self._closed or self.error is not None or self.local.dead() is not None:
+            return False
+        if self._ready:
+            try:
+                self._check_store()
+            except MgpuError:
+                return False
+        return True
+
+    def _check(self) -> None:
+        """Raise if any rank has died or failed (local status now, the store every so often)."""
+        if self._closed:
+            raise WorkerError(self.error or "the engine's workers have been shut down")
+        dead = self.local.dead()
+        if dead is not None:
+            rank, proc = dead
+            time.sleep(0.05)  # a failing worker writes its error before it exits: prefer it
+            self._check_store(force=True)
+            self._fail(f"worker rank {rank} (pid {proc.pid}) died ({describe_exit(proc.poll())})")
+        self._check_store()
+
+    def _check_store(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_store_poll < STORE_POLL_S:
+            return
+        self._last_store_poll = now
+        with self._store_lock:
+            try:
+                errors = self._store.add(ERRORS_KEY, 0)
+                failed = None
+                if errors:
+                    failed = next(
+                        r for r in range(self.world_size) if self._store.check([f"error/{r}"])
+                    )
+                    exc, text = pickle.loads(self._store.get(f"error/{failed}"))
+                remote = [r for r in range(self.world_size) if r not in self.local.ranks]
+                beats = {r: self._store.add(f"heartbeat/{r}", 0) for r in remote}
+            except Exception as exc:  # the store lives in this process: this is unexpected
+                self._fail(f"the rendezvous store failed: {exc}")
+        if failed is not None:
+            logger.debug("worker rank %d failed:\n%s", failed, text)
+            if isinstance(exc, MgpuError):
+                self._fail(str(exc), exc)
+            self._fail(f"worker rank {failed} failed: {type(exc).__name__}: {exc}")
+        for rank, beat in beats.items():
+            last = self._heartbeats.get(rank)
+            if last is None or last[0] != beat:
+                self._heartbeats[rank] = (beat, now)
+            elif self._ready and now - last[1] > self.launch_config.heartbeat_timeout_s:
+                self._fail(
+                    f"worker rank {rank} (on another node) stopped its heartbeat "
+                    f"{now - last[1]:.1f} s ago"
+                )
+
+    def _fail(self, message: str, exc: BaseException | None = None) -> None:
+        """Record the failure, stop every rank in the background, raise."""
+        if self.error is None:
+            self.error = message
+        threading.Thread(target=self.shutdown, daemon=True, name="mgpu-stop").start()
+        if exc is not None:
+            raise exc
+        raise WorkerError(message + "; the engine has stopped all its workers")
+
+    def _wait(self, fn: Any) -> Any:
+        """Run the blocking ``fn`` on a helper thread, watching liveness meanwhile."""
+        box: queue.Queue[tuple[bool, Any]] = queue.Queue()
+
+        def target() -> None:
+            try:
+                box.put((True, fn()))
+            except BaseException as exc:
+                box.put((False, exc))
+
+        threading.Thread(target=target, daemon=True, name="mgpu-wait").start()
+        while True:
+            try:
+                ok, value = box.get(timeout=POLL_S)
+            except queue.Empty:
+                self._check()
+                continue
+            if ok:
+                return value
+            self._check_store(force=True)
+            raise value
+
+    # ---- steps --------------------------------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        """Receive the replies of each submitted message, in submission order."""
+        while True:
+            item = self._expected.get()
+            if item is None:
+                return
+            step_id, ranks, reply_all = item
+            try:
+                replies = [self.control.receive_from(r) for r in ranks]
+            except BaseException as exc:  # a peer died; collect() reports which one
+                self._replies.put(exc)
+                return
+            for (got, _), r in zip(replies, ranks, strict=True):
+                if got != step_id:
+                    self._replies.put(RuntimeError(f"rank {r} answered step {got}, not {step_id}"))
+                    return
+            values = [value for _, value in replies]
+            self._replies.put((step_id, values if reply_all else values[0]))
+
+    def submit(self, method: str, *args: Any, reply_all: bool = False) -> int:
+        """Send ``ModelRunner.method(*args)`` to every rank; returns the step id.
+
+        Args:
+            method: the runner method (``execute`` for a step).
+            *args: its arguments (picklable, no tensors).
+            reply_all: every rank replies (``call_all``); else only the output rank.
+        """
+        self._check()
+        step_id = next(self._ids)
+        try:
+            self.control.post(("call", step_id, method, args, reply_all))
+        except Exception as exc:
+            self._check_store(force=True)
+            self._fail(f"cannot reach the workers: {exc}")
+        self._outstanding.append(step_id)
+        ranks = list(range(self.world_size)) if reply_all else [self.output_rank]
+        self._expected.put((step_id, ranks, reply_all))
+        return step_id
+
+    @property
+    def num_in_flight(self) -> int:
+        """Steps submitted and not yet collected."""
+        return len(self._outstanding)
+
+    def collect(self) -> Any:
+        """The reply to the oldest outstanding step (a list in rank order for ``reply_all``)."""
+        if not self._outstanding:
+            raise MgpuError("collect() without a submitted step")
+        return self._collect_id(self._outstanding[0])
+
+    def _collect_id(self, step_id: int) -> Any:
+        while True:
+            try:
+                item = self._replies.get(timeout=POLL_S)
+            except queue.Empty:
+                self._check()
+                continue
+            if isinstance(item, BaseException):
+                self._check()
+                self._check_store(force=True)
+                self._fail(f"lost contact with the workers: {item}")
+            got, value = item
+            self._outstanding.popleft()
+            if got != step_id:
+                self._fail(f"reply to step {got} arrived while waiting for step {step_id}")
+            return value
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        """Call ``ModelRunner.method`` on every rank (nothing else in flight); replies by rank."""
+        while self._outstanding:
+            self.collect()
+        self.submit(method, *args, reply_all=True)
+        return self.collect()
+
+    def execute(self, step: Any) -> Any:
+        """Run one step on every rank and wait; returns the output rank's sampled tokens."""
+        self.submit("execute", step)
+        return self.collect()
+
+    def shutdown(self) -> None:
+        """Stop every rank: politely, then by force. Safe to call twice, from any thread."""
+        with self._store_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._store.set(SHUTDOWN_KEY, b"1")
+            except Exception:
+                logger.debug("could not publish shutdown", exc_info=True)
+        if self.error is None and hasattr(self, "control"):
+            try:
+                self.control.post(("shutdown",))
+            except Exception:
+                logger.debug("could not post shutdown", exc_info=True)
+        if hasattr(self, "local"):
+            self.local.stop()
+        self._expected.put(None)
+        if hasattr(self, "control"):
+            # Tear gloo down now: left to interpreter exit, its threads abort the process.
+            with contextlib.suppress(Exception):
+                self.control.group.abort()
+            receiver = getattr(self, "_receiver", None)
+            if receiver is not None and receiver is not threading.current_thread():
+                receiver.join(timeout=2)

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mgpu.config import EngineArgs
 from mgpu.engine.llm_engine import LLMEngine, RequestOutput
+from mgpu.errors import ConfigError
 from mgpu.sampling import SamplingParams
 
 PromptInput = str | list[int] | dict[str, Any]
@@ -21,12 +23,12 @@ class LLM:
 
     Args:
         model: HF model directory or hub id (default: the bundled demo model).
-        tensor_parallel_size: ranks each layer is split over.
-        pipeline_parallel_size: pipeline stages.
+        tensor_parallel_size: ranks each layer is split over (default: automatic placement).
+        pipeline_parallel_size: pipeline stages (default: automatic placement).
         device: ``"cpu"`` or ``"cuda"`` (default: cuda when present).
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
-        **kwargs: further :class:`~mgpu.engine.llm_engine.LLMEngine` options (``max_model_len``,
-            ``max_num_seqs``, ``gpu_memory_utilization``, ...).
+        **kwargs: further :class:`~mgpu.config.EngineArgs` fields (``max_model_len``,
+            ``max_num_seqs``, ``gpu_memory_utilization``, ...), the same settings as the CLI's.
 
     Use as a context manager, or call :meth:`shutdown`, to stop the workers.
     """
@@ -34,20 +36,21 @@ class LLM:
     def __init__(
         self,
         model: str | Path | None = None,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
+        tensor_parallel_size: int | None = None,
+        pipeline_parallel_size: int | None = None,
         device: str | None = None,
         dtype: str = "auto",
         **kwargs: Any,
     ):
-        self.engine = LLMEngine(
-            model,
+        args = EngineArgs(
+            model=None if model is None else str(model),
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
             device=device,
             dtype=dtype,
-            **kwargs,
+            **_engine_arg_names(kwargs),
         )
+        self.engine = LLMEngine.from_engine_args(args)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -112,6 +115,11 @@ class LLM:
         ids = self.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         return self.engine.prompt_logits(ids)
 
+    def layout(self) -> list[dict[str, Any]]:
+        """One row per rank (rank, node, device, layers, param_bytes, predicted_param_bytes,
+        kv_blocks): what the engine built, beside what the planner predicted."""
+        return self.engine.layout()
+
     def shutdown(self) -> None:
         """Stop the worker processes."""
         self.engine.shutdown()
@@ -131,3 +139,21 @@ def _split_prompt(prompt: PromptInput) -> tuple[str | None, list[int] | None]:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         return prompt["prompt"], None
     return None, list(prompt)
+
+
+#: ``LLM`` keywords kept from before :class:`EngineArgs`, and the field each one names.
+_ALIASES = {"num_blocks": "num_gpu_blocks_override", "compile_decode": "compile"}
+
+
+def _engine_arg_names(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` under their :class:`EngineArgs` names; an unknown keyword is a clear error."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    out = {}
+    for key, value in kwargs.items():
+        name = _ALIASES.get(key, key)
+        if name not in fields:
+            raise ConfigError(f"LLM() got an unknown setting {key!r}")
+        out[name] = value
+    return out

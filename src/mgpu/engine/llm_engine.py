@@ -7,11 +7,13 @@ the HTTP server are both thin loops around these three calls.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +23,19 @@ import torch
 
 from mgpu.config import (
     CacheConfig,
+    EngineArgs,
     ModelConfig,
-    ParallelConfig,
     SchedulerConfig,
     blocks_for_tokens,
     parse_dtype,
 )
 from mgpu.engine.block_manager import BlockManager
 from mgpu.engine.detokenizer import detokenize_incrementally
-from mgpu.engine.executor import Executor
+from mgpu.engine.executor import Executor, LaunchConfig
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.engine.model_runner import RankReport
-from mgpu.engine.scheduler import Scheduler
+from mgpu.engine.placement import resolve_layout
+from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
 from mgpu.memory import padded_vocab_size
@@ -124,21 +127,33 @@ class LLMEngine:
         max_num_seqs: most sequences in the running batch.
         max_num_batched_tokens: token budget of one step (longer prompts are prefilled in chunks).
         gpu_memory_utilization: fraction of each device's memory the engine may use.
-        device_memory_gb: on CPU, the memory budget of the whole engine (default: available RAM).
+        device_memory: on CPU, each device's memory, e.g. ``"24GiB,12GiB"`` or a list (one per
+            rank; one entry under a manual layout is the whole engine's); default: free RAM.
+        placement: ``"auto"`` builds the layout from the devices' memory when no TP/PP size or
+            layer split is given (see :mod:`mgpu.engine.placement`); ``"manual"`` does not.
         block_size: tokens per KV block.
         num_blocks: fix the KV cache size in blocks instead of profiling (tests, reproducibility).
         cpu_reserved_cores: on CPU, cores kept free for the engine process (default: one when
             there are more cores than ranks; 0 gives the workers every core).
         compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
+        tokenizer: tokenizer directory or hub id (default: the model's).
+        chat_template: a Jinja chat template, or a file holding one (default: the tokenizer's).
+        max_steps_in_flight: micro-batches outstanding at once (default: one per pipeline stage;
+            1 runs one step at a time, for comparison).
+        nnodes: machines the ranks are spread over; node 0 (this process) hosts the rendezvous.
+        master_addr: node 0's address, as the other nodes reach it.
+        master_port: the rendezvous port (0: any free one, single node only).
+
+    Every keyword is an :class:`~mgpu.config.EngineArgs` field (see :meth:`from_engine_args`).
     """
 
     def __init__(
         self,
         model: str | Path | None = None,
         *,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
+        tensor_parallel_size: int | None = None,
+        pipeline_parallel_size: int | None = None,
         layer_split: tuple[int, ...] | None = None,
         enable_expert_parallel: bool = False,
         device: str | None = None,
@@ -147,11 +162,18 @@ class LLMEngine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int | None = None,
         gpu_memory_utilization: float = 0.9,
-        device_memory_gb: float | None = None,
+        device_memory: str | float | list | None = None,
+        placement: str = "auto",
         block_size: int = 16,
         num_blocks: int | None = None,
         cpu_reserved_cores: int | None = None,
         compile_decode: bool = False,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        max_steps_in_flight: int | None = None,
+        nnodes: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 0,
     ):
         from transformers import AutoTokenizer
 
@@ -159,19 +181,33 @@ class LLMEngine:
         self.model_config = ModelConfig.from_file(self.model_path)
         model_class(self.model_config)  # refuse unsupported architectures before spawning anything
         safetensors_files(self.model_path)  # and a directory without usable weights
-        self.parallel_config = ParallelConfig(
-            tensor_parallel_size,
-            pipeline_parallel_size,
-            tuple(layer_split) if layer_split else None,
-            enable_expert_parallel,
-        )
-        self.parallel_config.check_model(self.model_config)
         self.device = device or _default_device()
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
+        # The layout is decided (or refused) here, before any process starts or weight is read.
+        self.parallel_config, rank_memory = resolve_layout(
+            self.model_config,
+            torch.finfo(self.dtype).bits // 8,
+            self.device,
+            tensor_parallel_size,
+            pipeline_parallel_size,
+            tuple(layer_split) if layer_split else None,
+            placement,
+            device_memory,
+        )
+        if enable_expert_parallel:
+            self.parallel_config = dataclasses.replace(
+                self.parallel_config, enable_expert_parallel=True
+            )
+        self.parallel_config.check_model(self.model_config)
+        self.max_steps_in_flight = (
+            max_steps_in_flight or self.parallel_config.pipeline_parallel_size
+        )
+        if self.max_steps_in_flight < 1:
+            raise ConfigError(f"--max-steps-in-flight must be >= 1, got {max_steps_in_flight}")
         if self.device == "cuda":
             self._check_gpus()
-        self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
         context = self.model_config.max_position_embeddings
         if max_model_len is not None and max_model_len > context:
             raise ConfigError(
@@ -186,25 +222,35 @@ class LLMEngine:
         self.cache_config = CacheConfig(
             block_size=block_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            device_memory_gb=device_memory_gb,
+            rank_memory_bytes=rank_memory,
             num_blocks_override=num_blocks,
         )
+        tokenizer_path = str(resolve_model_path(tokenizer)) if tokenizer else str(self.model_path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         except Exception as exc:
-            raise ConfigError(f"cannot load the tokenizer of {self.model_path}: {exc}") from None
+            raise ConfigError(f"cannot load the tokenizer of {tokenizer_path}: {exc}") from None
+        if chat_template is not None:
+            template = Path(chat_template)
+            self.tokenizer.chat_template = (
+                template.read_text() if template.is_file() else chat_template
+            )
         self.eos_token_ids = self._eos_ids()
         dtype_name = str(self.dtype).removeprefix("torch.")
+        launch_config = LaunchConfig(
+            device_type=self.device,
+            dtype_name=dtype_name,
+            cache_config=self.cache_config,
+            cpu_reserved_cores=cpu_reserved_cores,
+            compile_decode=compile_decode,
+            tp_collective_bytes=self._tp_collective_bytes(),
+            max_steps_in_flight=self.max_steps_in_flight,
+            nnodes=nnodes,
+            master_addr=master_addr,
+            master_port=master_port,
+        )
         self.executor = Executor(
-            self.model_path,
-            self.model_config,
-            self.parallel_config,
-            self.device,
-            dtype_name,
-            self.cache_config,
-            cpu_reserved_cores,
-            compile_decode,
-            self._tp_collective_bytes(),
+            self.model_path, self.model_config, self.parallel_config, launch_config
         )
         try:
             self._init_cache()
@@ -216,7 +262,16 @@ class LLMEngine:
         self._seq_counter = itertools.count()
         self._registered: set[int] = set()
         self._to_release: list[int] = []
+        # Batches submitted and not yet collected, oldest first (disjoint sets of sequences).
+        self._in_flight: deque[list[ScheduledSeq]] = deque()
+        # Outputs of steps collected by _drain(), handed out by the next step().
+        self._drained: list[RequestOutput] = []
         self.stats = EngineStats()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        """An engine with the settings of ``args`` (the CLI and ``LLM`` both come through here)."""
+        return cls(args.model, **args.engine_kwargs())
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -275,7 +330,26 @@ class LLMEngine:
 
     def live_rank_reports(self) -> list[RankReport]:
         """Fresh per-rank reports (resident memory now)."""
-        return self.executor.call_all("report")
+        with self._lock:
+            self._drain()
+            return self.executor.call_all("report")
+
+    def layout(self) -> list[dict[str, object]]:
+        """One row per rank: rank, node, device, layers ``[start, end)``, ``param_bytes`` with the
+        planner's ``predicted_param_bytes`` beside it, and ``kv_blocks``."""
+        from mgpu.engine.headless import ResolvedPlan, planned_ranks
+
+        plan = ResolvedPlan(
+            self.model_path, self.model_config, self.parallel_config, self.device, self.dtype
+        )
+        rows = planned_ranks(plan, self.executor.launch_config.nnodes)
+        for row, report in zip(rows, self.rank_reports, strict=True):
+            row["device"] = report.device
+            row["layers"] = list(report.layer_range)
+            row["param_bytes"] = report.param_bytes
+            row["kv_blocks"] = self.block_manager.num_blocks
+        keys = ("rank", "node", "device", "layers", "param_bytes", "predicted_param_bytes")
+        return [{**{k: row[k] for k in keys}, "kv_blocks": row["kv_blocks"]} for row in rows]
 
     @property
     def num_kv_tokens(self) -> int:
@@ -357,17 +431,54 @@ class LLMEngine:
             self._to_release.append(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
-        """Whether any request is waiting or running."""
-        return self.scheduler.has_unfinished()
+        """Whether any request is waiting or running (or has outputs not yet handed out)."""
+        return bool(self._drained) or self.scheduler.has_unfinished()
 
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass of the running batch; returns the requests that progressed."""
+        """Advance the engine by one collected step; returns the requests that progressed.
+
+        Up to ``max_steps_in_flight`` (default: ``pipeline_parallel_size``) disjoint micro-batches
+        are in flight, so every pipeline stage works at once. The oldest is collected, its tokens
+        appended, the next batches sent out, and only then is the host work done (detokenising,
+        stop strings) while the workers compute: with one stage, step N+1 runs while step N is
+        post-processed.
+        """
         with self._lock:
-            plan = self.scheduler.schedule()
+            drained, self._drained = self._drained, []
+            self._fill_pipeline()
+            if not self._in_flight:
+                return drained
+            scheduled = self._in_flight[0]
+            try:
+                results = self.executor.collect()
+            except BaseException:
+                self._in_flight.clear()  # the workers are gone: nothing will answer
+                raise
+            self._in_flight.popleft()
+            touched = self._advance(scheduled, results)
+            self._fill_pipeline()
+            outputs = self._finish_text(touched)
+            self._update_stats()
+            return drained + outputs
+
+    def _fill_pipeline(self) -> None:
+        """Submit steps until ``max_steps_in_flight`` are in flight or nothing is left to run."""
+        depth = self.max_steps_in_flight
+        while len(self._in_flight) < depth:
+            busy = {item.seq.seq_id for batch in self._in_flight for item in batch}
+            max_seqs = self.scheduler_config.max_num_seqs
+            free = self.scheduler.waiting and len(self.scheduler.running) < max_seqs
+            ready = sum(1 for seq in self.scheduler.running if seq.seq_id not in busy)
+            ready += len(self.scheduler.waiting) if free else 0
+            if not ready:
+                return
+            # One micro-batch per free slot: the sequences not in flight, cut evenly.
+            per_batch = -(-ready // (depth - len(self._in_flight)))  # ceil
+            plan = self.scheduler.schedule(busy, max_seqs=per_batch)
             if not plan.scheduled:
-                return []
+                return
             step = StepInput([], finished_seqs=self._to_release)
             self._to_release = []
             for item in plan.scheduled:
@@ -380,30 +491,57 @@ class LLMEngine:
                 if seq.seq_id not in self._registered:
                     self._registered.add(seq.seq_id)
                     step.new_seqs[seq.seq_id] = seq.params
-            results = iter(self.executor.execute(step))
-            touched: dict[str, _Request] = {}
-            now = time.time()
-            for item in plan.scheduled:
-                seq = item.seq
-                samples = item.samples
-                self._count_prefill(seq, seq.num_computed_tokens, item.num_tokens)
-                seq.num_computed_tokens += item.num_tokens
-                if not samples:
-                    continue
-                result = next(results)
-                req = self._requests.get(seq.request_id)
-                if req is None:
-                    continue
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                self._append_or_fail(seq, result)
-                touched[req.request_id] = req
-            outputs = [self._output(req) for req in touched.values()]
-            for out in outputs:
-                if out.finished:
-                    self._requests.pop(out.request_id, None)
-            self._update_stats()
-            return outputs
+            self.executor.submit("execute", step)
+            self._in_flight.append(plan.scheduled)
+
+    def _advance(
+        self, scheduled: list[ScheduledSeq], results: list[SampleResult]
+    ) -> dict[str, _Request]:
+        """Count a collected step's tokens and append its samples (no detokenising yet)."""
+        touched: dict[str, _Request] = {}
+        sampled = iter(results)
+        now = time.time()
+        for item in scheduled:
+            seq = item.seq
+            result = next(sampled) if item.samples else None
+            if seq.is_finished:
+                continue  # aborted, or stopped by a stop string while this step was in flight
+            self._count_prefill(seq, seq.num_computed_tokens, item.num_tokens)
+            seq.num_computed_tokens += item.num_tokens
+            req = self._requests.get(seq.request_id)
+            if result is None or req is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._append_or_fail(seq, result)
+            touched[req.request_id] = req
+        return touched
+
+    def _finish_text(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+        """Detokenise the new tokens, apply stop strings, build the outputs of ``touched``."""
+        for req in touched.values():
+            for seq in req.seqs:
+                try:
+                    self._detokenize(seq)
+                except Exception as exc:  # a tokenizer bug fails its request, never the engine
+                    logger.exception("request %s failed while detokenizing", seq.request_id)
+                    self._fail_seq(
+                        seq, f"detokenizing the output failed: {type(exc).__name__}: {exc}"
+                    )
+        outputs = [self._output(req) for req in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self._requests.pop(out.request_id, None)
+        return outputs
+
+    def _drain(self) -> None:
+        """Collect every step in flight (before a call that needs all ranks idle); their outputs
+        are returned by the next :meth:`step`."""
+        while self._in_flight:
+            scheduled = self._in_flight[0]
+            results = self.executor.collect()
+            self._in_flight.popleft()
+            self._drained.extend(self._finish_text(self._advance(scheduled, results)))
 
     def _count_prefill(self, seq: Sequence, start: int, n: int) -> None:
         """Count the fed positions [start, start + n) as prompt work, or as recomputation when
@@ -418,46 +556,57 @@ class LLMEngine:
         self.stats.recomputed_tokens_total += prompt_part + outputs_part
 
     def _append_or_fail(self, seq: Sequence, result: SampleResult) -> None:
-        """Append a sampled token; a sequence that could not be sampled or detokenised finishes
-        with ``finish_reason="error"`` and the reason in ``stop_reason``, and only its request
-        fails (the server answers it with a 500)."""
-        error = result.error
-        if error is None:
-            try:
-                self._append(seq, result)
-            except Exception as exc:
-                logger.exception("request %s failed after sampling", seq.request_id)
-                error = f"detokenizing the output failed: {type(exc).__name__}: {exc}"
-        if error is not None:
+        """Append a sampled token; a sequence that could not be sampled finishes with
+        ``finish_reason="error"`` and the reason in ``stop_reason``, and only its request fails
+        (the server answers it with a 500)."""
+        if result.error is not None:
+            self._fail_seq(seq, result.error)
+            return
+        try:
+            self._append(seq, result)
+        except Exception as exc:
+            logger.exception("request %s failed after sampling", seq.request_id)
+            self._fail_seq(seq, f"appending the sampled token failed: {type(exc).__name__}: {exc}")
+
+    def _fail_seq(self, seq: Sequence, error: str) -> None:
+        """Finish one sequence with an error; the engine and every other request go on."""
+        if not seq.is_finished:
             seq.finish("error", error)
-            self._release(seq)
+        self._release(seq)
 
     def _append(self, seq: Sequence, result: SampleResult) -> None:
+        """Add a sampled token and apply the checks that need no text: EOS, stop ids, length."""
         token = result.token_id
         seq.output_token_ids.append(token)
+        seq.pending_text = True
         self.stats.generation_tokens_total += 1
         if seq.params.logprobs is not None:
             seq.logprobs.append(result)
             seq.cumulative_logprob += result.logprob or 0.0
         params = seq.params
-        finished = False
         if not params.ignore_eos and token in self.eos_token_ids:
             seq.finish("stop")
-            finished = True
         elif token in params.stop_token_ids:
             seq.finish("stop", token)
-            finished = True
-        new_text = detokenize_incrementally(self.tokenizer, seq, flush=finished)
-        if not finished and params.stop and new_text:
-            self._check_stop_strings(seq, len(new_text))
-        if not seq.is_finished and (
+        elif (
             len(seq.output_token_ids) >= seq.max_tokens
             or seq.num_tokens >= self.scheduler_config.max_model_len
         ):
-            detokenize_incrementally(self.tokenizer, seq, flush=True)
             seq.finish("length")
         if seq.is_finished:
             self._release(seq)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Turn a sequence's new token into text; a stop string may finish it here."""
+        if not seq.pending_text:
+            return
+        seq.pending_text = False
+        was_finished = seq.is_finished
+        new_text = detokenize_incrementally(self.tokenizer, seq, flush=was_finished)
+        if seq.finish_reason in (None, "length") and seq.params.stop and new_text:
+            self._check_stop_strings(seq, len(new_text))
+            if seq.is_finished and not was_finished:
+                self._release(seq)
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, new_len: int) -> None:
@@ -518,6 +667,7 @@ class LLMEngine:
         with self._lock:
             if self.scheduler.has_unfinished():
                 raise MgpuError("prompt_logits needs an idle engine (requests are in flight)")
+            self._drain()
             replies = self.executor.call_all("prompt_logits", list(prompt_token_ids))
         return replies[self.executor.output_rank]
 

@@ -93,6 +93,8 @@ class ModelRunner:
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.sampler = Sampler(model_config.vocab_size, device) if self.is_output_rank else None
+        # Sends of hidden states to the next stage still in progress, with the tensors they read.
+        self._sends: list[tuple[torch.distributed.Work, torch.Tensor]] = []
 
     # ---- memory -------------------------------------------------------------------------------
 
@@ -154,8 +156,8 @@ class ModelRunner:
             before = process.memory_info().rss
             self._profile_forward(tokens)
             activations = max(0, process.memory_info().rss - before)
-            if cache.device_memory_gb is not None:
-                share = cache.device_memory_gb * 2**30 / world_size
+            if cache.rank_memory_bytes is not None:
+                share = cache.rank_memory_bytes[self.rank]
                 budget = cache.gpu_memory_utilization * share - self.param_bytes() - activations
             else:
                 share = psutil.virtual_memory().available / world_size
@@ -238,10 +240,17 @@ class ModelRunner:
         model = self._decode_model if compiled else self.model
         hidden, residual = model(input_ids, positions, meta, hidden, residual)
         if not self.is_last:
-            pp_send(hidden)
-            pp_send(residual)
+            self.finish_sends()
+            for x in (hidden.contiguous(), residual.contiguous()):
+                self._sends.append((pp_send(x), x))
             return None
         return hidden
+
+    def finish_sends(self) -> None:
+        """Wait for the previous step's hand-offs to the next stage (they are usually done)."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[SampleResult] | None:

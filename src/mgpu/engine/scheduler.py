@@ -80,18 +80,30 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's batch (see the module docstring)."""
+    def schedule(
+        self, busy: frozenset[int] | set[int] = frozenset(), max_seqs: int | None = None
+    ) -> SchedulerOutput:
+        """Pick this step's batch (see the module docstring).
+
+        Args:
+            busy: ids of sequences in a step still in flight: they are neither scheduled nor
+                pre-empted, so batches in flight at once are disjoint.
+            max_seqs: most sequences in this batch (the engine cuts the running sequences into
+                one micro-batch per pipeline stage).
+        """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        limit = max_seqs if max_seqs is not None else self.config.max_num_seqs
         for seq in list(self.running):
-            if seq not in self.running:
-                continue  # pre-empted below to make room for an older sequence
+            if len(out.scheduled) >= limit:
+                break
+            if seq not in self.running or seq.seq_id in busy:
+                continue  # pre-empted below to make room for an older sequence, or in flight
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
             while not self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n):
-                victim = self.running[-1]
+                victim = [s for s in self.running if s.seq_id not in busy][-1]
                 self._preempt(victim, out)
                 if victim is seq:
                     break
@@ -100,7 +112,7 @@ class Scheduler:
                 budget -= n
         # Admit new work only when nothing had to be pre-empted: the cache is full otherwise.
         while self.waiting and not out.preempted and budget > 0:
-            if len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) >= self.config.max_num_seqs or len(out.scheduled) >= limit:
                 break
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)

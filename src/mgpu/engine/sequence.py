@@ -41,6 +41,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
     output_text: str = ""
+    # A token was appended that ``output_text`` does not show yet (the engine detokenises later).
+    pending_text: bool = False
     # Incremental detokenisation offsets into ``all_token_ids`` (see engine.detokenizer).
     prefix_offset: int = 0
     read_offset: int = 0

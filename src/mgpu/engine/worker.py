@@ -1,11 +1,19 @@
-"""The worker process: one per rank. It joins the process groups, loads its shard and serves calls.
+"""The worker process: one per rank, its own interpreter running ``python -m mgpu.engine.worker``.
 
-Protocol over its pipe to the engine: the engine sends ``(method, args, reply)``; the worker calls
-``ModelRunner.method(*args)`` and, when ``reply`` is true, sends back ``("ok", result)``. Any
-exception
-is sent as ``("error", exception, traceback text)`` and the worker exits, so the engine notices at
-once.
-Only the output rank replies to ``execute``: the other ranks stay silent unless they fail.
+The launcher writes one pickled :class:`WorkerInit` to the worker's stdin and closes it; the worker
+never imports the caller's program, so a script without a main guard, ``python -c``, stdin and
+notebooks all work. The worker then:
+
+1. connects to the engine's rendezvous store and joins the control group
+   (:mod:`mgpu.distributed.control`) and the model's process groups;
+2. builds its :class:`~mgpu.engine.model_runner.ModelRunner` and replies with its report;
+3. serves control messages ``("call", step_id, method, args, reply_all)`` in order: it calls
+   ``ModelRunner.method(*args)`` and replies ``(step_id, result)`` when ``reply_all`` is true or,
+   for ``execute``, when it is the output rank. ``("shutdown",)`` ends it.
+
+Liveness: a thread bumps ``heartbeat/<rank>`` in the store every :data:`HEARTBEAT_S` and ends the
+process when the store says ``shutdown`` or can no longer be reached. An exception is written to
+``error/<rank>`` in the store (the engine watches it) and the worker exits with status 1.
 """
 
 from __future__ import annotations
@@ -13,22 +21,51 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pickle
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from mgpu.config import CacheConfig, ModelConfig, ParallelConfig
+from mgpu.distributed.shm import ShmFiles
+
+#: Seconds between two heartbeats of a worker.
+HEARTBEAT_S = 0.25
+#: Store key counting worker errors (each also writes ``error/<rank>``).
+ERRORS_KEY = "errors"
+#: Store key that tells every worker to exit.
+SHUTDOWN_KEY = "shutdown"
 
 
 @dataclass
 class WorkerInit:
-    """Everything a worker needs to start, sent once when it is spawned."""
+    """Everything a worker needs to start, written once to its stdin.
+
+    Args:
+        rank: global rank.
+        model_path: the model directory.
+        model_config: the architecture.
+        parallel_config: the layout.
+        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL).
+        dtype_name: dtype of weights and activations.
+        store_host: address of the engine's rendezvous store.
+        store_port: its port.
+        cpu_ids: cores this rank is pinned to (CPU only).
+        parent_pid: the launching process, which this worker never outlives.
+        spawned_by_main_thread: whether the launcher's main thread started this worker.
+        cache_config: KV-cache settings.
+        compile_decode: compile decode steps with ``torch.compile``.
+        tp_shm: shared buffers of this rank's TP group, when its ranks share a CPU host.
+        control_threads: gloo threads of the control group (see ``ControlPlane``).
+        timeout_s: how long a collective or a control transfer may wait for a peer.
+    """
 
     rank: int
     model_path: Path
@@ -43,14 +80,38 @@ class WorkerInit:
     spawned_by_main_thread: bool
     cache_config: CacheConfig
     compile_decode: bool = False
-    tp_shm_buffers: tuple[Any, Any] | None = None
+    tp_shm: ShmFiles | None = None
+    control_threads: int = 2
+    timeout_s: float = 300.0
+
+
+def launch(init: WorkerInit) -> subprocess.Popen:
+    """Start one worker interpreter for ``init``.
+
+    Args:
+        init: the worker's settings (pickled to its stdin).
+    """
+    env = dict(os.environ)
+    # The worker must import this same mgpu, wherever the caller found it.
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    # -P (Python 3.11+): the caller's working directory is not put first on the import path.
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    proc = subprocess.Popen(
+        [sys.executable, *safe_path, "-m", "mgpu.engine.worker"], stdin=subprocess.PIPE, env=env
+    )
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(pickle.dumps(init))
+        proc.stdin.close()
+    return proc
 
 
 def _die_with_parent(parent_pid: int, spawned_by_main_thread: bool) -> None:
-    """Make sure this worker never outlives the engine process, however the engine ends.
+    """Make sure this worker never outlives its launcher, however the launcher ends.
 
-    ``PR_SET_PDEATHSIG`` fires when the *thread* that spawned the worker exits, so it is armed only
-    for workers spawned by the main thread; the parent-pid watch covers the others within a second.
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that started the worker exits, so it is armed only
+    for workers started by the main thread; the parent-pid watch covers the others within a second.
     """
     if sys.platform.startswith("linux") and spawned_by_main_thread:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -66,22 +127,47 @@ def _die_with_parent(parent_pid: int, spawned_by_main_thread: bool) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def worker_main(init: WorkerInit, conn: Connection) -> None:
-    """Entry point of a spawned worker process."""
+def _heartbeat(host: str, port: int, rank: int) -> None:
+    """Bump this rank's heartbeat; exit when the engine says so or its store is gone."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
+        while True:
+            store.add(f"heartbeat/{rank}", 1)
+            if store.check([SHUTDOWN_KEY]):
+                os._exit(0)
+            time.sleep(HEARTBEAT_S)
+    except Exception:  # the store (the engine) is unreachable: nobody will send work again
+        os._exit(1)
+
+
+def run(init: WorkerInit) -> None:
+    """Body of a worker process; never returns."""
     _die_with_parent(init.parent_pid, init.spawned_by_main_thread)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        init.store_host, init.store_port, is_master=False, timeout=timedelta(seconds=60)
+    )
+    threading.Thread(
+        target=_heartbeat,
+        args=(init.store_host, init.store_port, init.rank),
+        daemon=True,
+        name="heartbeat",
+    ).start()
     try:
-        _serve(init, conn)
+        _serve(init, store)
     except BaseException as exc:  # report everything, including SystemExit from a bad call
-        with contextlib.suppress(OSError, EOFError):
-            conn.send(("error", _picklable(exc), traceback.format_exc()))
+        with contextlib.suppress(Exception):
+            store.set(f"error/{init.rank}", pickle.dumps((_picklable(exc), traceback.format_exc())))
+            store.add(ERRORS_KEY, 1)
         os._exit(1)
     os._exit(0)
 
 
 def _picklable(exc: BaseException) -> BaseException:
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -89,7 +175,7 @@ def _picklable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(init: WorkerInit, conn: Connection) -> None:
+def _serve(init: WorkerInit, store: Any) -> None:
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
@@ -99,6 +185,7 @@ def _serve(init: WorkerInit, conn: Connection) -> None:
     tqdm.set_lock(threading.RLock())
 
     from mgpu.config import parse_dtype
+    from mgpu.distributed.control import ControlPlane
     from mgpu.distributed.parallel_state import destroy_distributed, init_distributed
     from mgpu.engine.model_runner import ModelRunner
 
@@ -113,14 +200,15 @@ def _serve(init: WorkerInit, conn: Connection) -> None:
         device = torch.device("cpu")
         backend = "gloo"
     world = init.parallel_config.world_size
-    store = dist.TCPStore(init.store_host, init.store_port, world, is_master=False)
+    control = ControlPlane(store, init.rank + 1, world + 1, init.timeout_s, init.control_threads)
     init_distributed(
         backend,
         init.rank,
         world,
         init.parallel_config.tensor_parallel_size,
-        store,
-        tp_shm_buffers=init.tp_shm_buffers,
+        dist.PrefixStore("model", store),
+        timeout_s=init.timeout_s,
+        tp_shm_buffers=init.tp_shm.open() if init.tp_shm is not None else None,
     )
     runner = ModelRunner(
         init.model_path,
@@ -132,17 +220,26 @@ def _serve(init: WorkerInit, conn: Connection) -> None:
         init.cache_config,
         init.compile_decode,
     )
-    conn.send(("ok", runner.report()))
+    control.reply((-1, runner.report()))
     try:
         while True:
-            try:
-                method, args, reply = conn.recv()
-            except EOFError:
-                return  # the engine is gone
-            if method == "shutdown":
+            message = control.next_message()
+            if message[0] == "shutdown":
                 return
+            _, step_id, method, args, reply_all = message
             result = getattr(runner, method)(*args)
-            if reply or (method == "execute" and runner.is_output_rank):
-                conn.send(("ok", result))
+            if reply_all or (method == "execute" and runner.is_output_rank):
+                control.reply((step_id, result))
     finally:
+        runner.finish_sends()
         destroy_distributed()
+
+
+def main() -> None:
+    """``python -m mgpu.engine.worker``: read the :class:`WorkerInit` from stdin and serve."""
+    init = pickle.load(sys.stdin.buffer)
+    run(init)
+
+
+if __name__ == "__main__":
+    main()

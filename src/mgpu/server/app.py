@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mgpu import __version__
 from mgpu.engine.llm_engine import CompletionOutput, PromptError, RequestOutput, render_chat
 from mgpu.sampling import SampleResult, SamplingParams, SamplingParamsError
+from mgpu.server import engine_routes
 from mgpu.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -617,6 +618,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.serving = serving
     install_error_handlers(app)
     app.add_middleware(_GuardMiddleware, config=config)
+    app.include_router(engine_routes.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

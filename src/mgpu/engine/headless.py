@@ -1,0 +1,165 @@
+"""``mgpu serve`` without an engine here: ``--dry-run`` (print the plan) and ``--node-rank R > 0``.
+
+A node other than 0 hosts some ranks of the engine that node 0 runs: it resolves the same model
+and layout from the same command line, starts its share of the ranks (``--nnodes`` splits them
+evenly, contiguous) and waits for them; node 0 sends them steps over the control plane.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mgpu.config import CacheConfig, EngineArgs, ModelConfig, ParallelConfig, parse_dtype
+from mgpu.engine.executor import LaunchConfig, WorkerSet, describe_exit, node_ranks
+from mgpu.engine.placement import resolve_layout
+from mgpu.errors import ConfigError
+from mgpu.memory import weight_bytes_per_rank
+from mgpu.models.loader import demo_model_path, resolve_model_path
+from mgpu.models.registry import model_class
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    """What a command line resolves to before any weight is read or any process started."""
+
+    model_path: Path
+    model_config: ModelConfig
+    parallel_config: ParallelConfig
+    device: str
+    dtype: torch.dtype
+    rank_memory_bytes: tuple[int, ...] | None = None
+
+
+def resolve(args: EngineArgs) -> ResolvedPlan:
+    """Resolve the model directory, its config, the layout, the device and the dtype.
+
+    Args:
+        args: the engine settings.
+    """
+    path = resolve_model_path(args.model if args.model is not None else demo_model_path())
+    config = ModelConfig.from_file(path)
+    model_class(config)  # refuse an unsupported architecture here too
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+    dtype = parse_dtype(args.dtype, parse_dtype(config.torch_dtype))
+    parallel, rank_memory = resolve_layout(
+        config,
+        torch.finfo(dtype).bits // 8,
+        device,
+        args.tensor_parallel_size,
+        args.pipeline_parallel_size,
+        args.layer_split,
+        args.placement,
+        args.device_memory,
+    )
+    parallel.check_model(config)
+    return ResolvedPlan(path, config, parallel, device, dtype, rank_memory)
+
+
+def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]]:
+    """One row per rank of the plan: rank, node, device, layers ``[start, end)``, predicted bytes.
+
+    The bytes come from :func:`mgpu.memory.weight_bytes_per_rank`, the planner's formula.
+
+    Args:
+        plan: the resolved command line.
+        nnodes: machines the ranks are spread over.
+    """
+    pc, model = plan.parallel_config, plan.model_config
+    tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
+    elem = torch.finfo(plan.dtype).bits // 8
+    per_node = pc.world_size // max(1, nnodes)
+    rows = []
+    for rank in range(pc.world_size):
+        pp_rank = rank // tp
+        layers = pc.layer_range(model, pp_rank)
+        predicted = weight_bytes_per_rank(
+            model, elem * 8, tp, layers, pp_rank == 0, pp_rank == pp - 1, vector_bytes=elem
+        )
+        device = "cpu" if plan.device == "cpu" else f"cuda:{rank % per_node}"
+        rows.append(
+            {
+                "rank": rank,
+                "node": rank // per_node,
+                "device": device,
+                "layers": list(layers),
+                "predicted_param_bytes": predicted,
+            }
+        )
+    return rows
+
+
+def dry_run(args: EngineArgs) -> int:
+    """Print the per-rank table ``mgpu serve`` would build; read no weights, start no process.
+
+    Args:
+        args: the engine settings.
+    """
+    plan = resolve(args)
+    pc = plan.parallel_config
+    dtype = str(plan.dtype).removeprefix("torch.")
+    print(
+        f"mgpu serve --dry-run: {plan.model_path} ({plan.model_config.architecture}) on "
+        f"{plan.device}, {dtype}, TP {pc.tensor_parallel_size} x PP {pc.pipeline_parallel_size}"
+    )
+    print(f"{'rank':>4} {'node':>4} {'device':<8} {'layers':<10} {'predicted params (MB)':>22}")
+    for row in planned_ranks(plan, args.nnodes):
+        start, end = row["layers"]  # type: ignore[misc]
+        layers = f"[{start}, {end})"
+        mb = row["predicted_param_bytes"] / 1e6  # type: ignore[operator]
+        print(f"{row['rank']:>4} {row['node']:>4} {row['device']:<8} {layers:<10} {mb:>22.1f}")
+    ignored = args.ignored()
+    if ignored:
+        print(ignored)
+    return 0
+
+
+def run_headless(args: EngineArgs) -> int:
+    """Host this node's ranks of an engine run by node 0; returns when they have all exited.
+
+    Args:
+        args: the engine settings (the same command line as node 0's).
+    """
+    if not args.master_port:
+        raise ConfigError("--node-rank > 0 needs --master-port, the port node 0 listens on")
+    plan = resolve(args)
+    ranks = node_ranks(plan.parallel_config.world_size, args.nnodes, args.node_rank)
+    launch = LaunchConfig(
+        device_type=plan.device,
+        dtype_name=str(plan.dtype).removeprefix("torch."),
+        cache_config=CacheConfig(
+            block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            rank_memory_bytes=plan.rank_memory_bytes,
+            num_blocks_override=args.num_gpu_blocks_override,
+        ),
+        cpu_reserved_cores=args.cpu_reserved_cores,
+        compile_decode=args.compile,
+        nnodes=args.nnodes,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        max_steps_in_flight=plan.parallel_config.pipeline_parallel_size,
+    )
+    workers = WorkerSet(
+        plan.model_path, plan.model_config, plan.parallel_config, launch, ranks, args.master_port
+    )
+    print(
+        f"mgpu serve: node {args.node_rank} of {args.nnodes} runs ranks "
+        f"{', '.join(map(str, ranks))} for {args.master_addr}:{args.master_port}",
+        flush=True,
+    )
+    try:
+        while (dead := workers.dead()) is None:
+            time.sleep(0.2)
+    finally:
+        workers.stop(grace_s=1.0)
+    rank, proc = dead
+    code = proc.poll()
+    print(f"mgpu serve: rank {rank} ended ({describe_exit(code)})", file=sys.stderr)
+    return 0 if code == 0 else 1

@@ -1,0 +1,52 @@
+"""EngineArgs: one field per setting, the CLI generated from it, vLLM's flags handled."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from mgpu.cli import build_parser
+from mgpu.config import EngineArgs
+from mgpu.errors import ConfigError
+
+
+def test_every_field_is_one_flag_with_its_help() -> None:
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    for f in dataclasses.fields(EngineArgs):
+        assert flags[f.name].help == f.metadata["help"]
+        assert f"--{f.name.replace('_', '-')}" in flags[f.name].option_strings
+
+
+def test_cli_round_trip() -> None:
+    args = build_parser().parse_args(
+        ["serve", "some/model", "-tp", "2", "--layer-split", "3,1", "-pp", "2", "--seed", "3"]
+    )
+    settings = EngineArgs.from_cli_args(args)
+    assert settings.tensor_parallel_size == 2
+    assert settings.layer_split == (3, 1)
+    assert settings.seed == 3
+    assert args.model_tag == "some/model"
+
+
+def test_ignored_flags_are_named_with_a_reason() -> None:
+    assert EngineArgs().ignored() is None
+    line = EngineArgs(enforce_eager=True, kv_cache_dtype="fp8").ignored()
+    assert line is not None
+    assert "--enforce-eager (" in line and "--kv-cache-dtype (" in line
+
+
+def test_trust_remote_code_is_refused() -> None:
+    with pytest.raises(ConfigError, match="never runs code"):
+        EngineArgs(trust_remote_code=True)
+
+
+def test_generate_serve_and_chat_share_the_engine_flags() -> None:
+    parser = build_parser()
+    for command in ("generate", "serve", "chat"):
+        extra = ["--prompt", "x"] if command == "generate" else []
+        args = parser.parse_args([command, "--max-num-seqs", "3", *extra])
+        assert EngineArgs.from_cli_args(args).max_num_seqs == 3
