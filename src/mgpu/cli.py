@@ -59,6 +59,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compile decode steps with torch.compile: slower start, faster small-model decode",
     )
+    g.add_argument(
+        "--quantization",
+        "-q",
+        choices=["int8", "int4"],
+        default=None,
+        help="weight-only quantization of a float checkpoint while loading (docs/quantization.md)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -84,6 +91,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "device_memory_gb": args.device_memory,
         "cpu_reserved_cores": args.cpu_reserved_cores,
         "compile_decode": args.compile,
+        "quantization": args.quantization,
     }
 
 

@@ -64,6 +64,7 @@ class Executor:
         compile_decode: compile the workers' decode steps with ``torch.compile``.
         tp_collective_bytes: on CPU, the largest TP collective that goes through shared memory
             (:mod:`mgpu.distributed.shm`); 0 keeps every collective on gloo.
+        quantization: ``--quantization`` of the weights (None: as stored).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class Executor:
         cpu_reserved_cores: int | None = None,
         compile_decode: bool = False,
         tp_collective_bytes: int = 0,
+        quantization: str | None = None,
     ):
         self.parallel_config = parallel_config
         world = parallel_config.world_size
@@ -111,6 +113,7 @@ class Executor:
                 cache_config=cache_config,
                 compile_decode=compile_decode,
                 tp_shm_buffers=self._tp_buffers[rank // tp],
+                quantization=quantization,
             )
             proc = ctx.Process(
                 target=worker_main, args=(init, child), name=f"mgpu-rank{rank}", daemon=True

@@ -35,6 +35,7 @@ from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
+from mgpu.layers.quantization import quant_config_for
 from mgpu.memory import padded_vocab_size
 from mgpu.models.loader import demo_model_path, resolve_model_path, safetensors_files
 from mgpu.models.registry import model_class
@@ -130,6 +131,8 @@ class LLMEngine:
             there are more cores than ranks; 0 gives the workers every core).
         compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
+        quantization: ``int8`` or ``int4`` weight-only quantization of a float checkpoint while
+            loading (see docs/quantization.md); a GGUF file keeps its own types.
     """
 
     def __init__(
@@ -150,13 +153,21 @@ class LLMEngine:
         num_blocks: int | None = None,
         cpu_reserved_cores: int | None = None,
         compile_decode: bool = False,
+        quantization: str | None = None,
     ):
         from transformers import AutoTokenizer
 
         self.model_path = resolve_model_path(model if model is not None else demo_model_path())
-        self.model_config = ModelConfig.from_file(self.model_path)
+        is_gguf = self.model_path.suffix == ".gguf"
+        if is_gguf:
+            from mgpu.models.gguf import gguf_model_config, gguf_tokenizer
+
+            self.model_config = gguf_model_config(self.model_path)
+        else:
+            self.model_config = ModelConfig.from_file(self.model_path)
         model_class(self.model_config)  # refuse unsupported architectures before spawning anything
-        safetensors_files(self.model_path)  # and a directory without usable weights
+        if not is_gguf:
+            safetensors_files(self.model_path)  # and a directory without usable weights
         self.parallel_config = ParallelConfig(
             tensor_parallel_size,
             pipeline_parallel_size,
@@ -169,6 +180,7 @@ class LLMEngine:
         if self.device == "cuda":
             self._check_gpus()
         self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
+        quant_config_for(self.model_path, quantization)  # an unknown name fails before spawning
         context = self.model_config.max_position_embeddings
         if max_model_len is not None and max_model_len > context:
             raise ConfigError(
@@ -187,7 +199,11 @@ class LLMEngine:
             num_blocks_override=num_blocks,
         )
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+            self.tokenizer = (
+                gguf_tokenizer(self.model_path)
+                if is_gguf
+                else AutoTokenizer.from_pretrained(str(self.model_path))
+            )
         except Exception as exc:
             raise ConfigError(f"cannot load the tokenizer of {self.model_path}: {exc}") from None
         self.eos_token_ids = self._eos_ids()
@@ -202,6 +218,7 @@ class LLMEngine:
             cpu_reserved_cores,
             compile_decode,
             self._tp_collective_bytes(),
+            quantization,
         )
         try:
             self._init_cache()

@@ -19,6 +19,7 @@ from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import pp_recv, pp_send
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, visible_keys
+from mgpu.layers.quantization import quant_config_for, quantization_scope
 from mgpu.memory import kv_bytes_per_token
 from mgpu.models.loader import load_weights
 from mgpu.models.registry import model_class
@@ -55,6 +56,7 @@ class ModelRunner:
         rank: global rank.
         cache_config: KV-cache settings (block size, memory budget).
         compile_decode: run decode-only steps through ``torch.compile`` (see ``_forward``).
+        quantization: ``--quantization`` of the weights (None: as stored in the checkpoint).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class ModelRunner:
         rank: int,
         cache_config: CacheConfig,
         compile_decode: bool = False,
+        quantization: str | None = None,
     ):
         self.config, self.device, self.dtype, self.rank = model_config, device, dtype, rank
         pp_rank, pp_size = ps.get_pp_rank(), ps.get_pp_size()
@@ -77,7 +80,8 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(device):
+            quant_config = quant_config_for(model_path, quantization)
+            with torch.device(device), quantization_scope(quant_config):
                 self.model = cls(model_config, self.layer_range, self.is_first, self.is_last)
         finally:
             torch.set_default_dtype(previous)

@@ -44,6 +44,7 @@ class WorkerInit:
     cache_config: CacheConfig
     compile_decode: bool = False
     tp_shm_buffers: tuple[Any, Any] | None = None
+    quantization: str | None = None
 
 
 def _die_with_parent(parent_pid: int, spawned_by_main_thread: bool) -> None:
@@ -131,6 +132,7 @@ def _serve(init: WorkerInit, conn: Connection) -> None:
         init.rank,
         init.cache_config,
         init.compile_decode,
+        init.quantization,
     )
     conn.send(("ok", runner.report()))
     try:

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mgpu.errors import ModelLoadError
+from mgpu.layers.quantization import finish_loading
 from mgpu.models.llama import all_checkpoint_names
 
 #: Checkpoint tensors that carry no weights (recomputed buffers some exporters save).
@@ -37,7 +38,8 @@ def demo_model_path() -> Path:
 
 
 def resolve_model_path(model: str | os.PathLike[str]) -> Path:
-    """A local model directory for ``model``: a directory, or a hub id fetched to the local cache.
+    """A local model for ``model``: a directory, a ``.gguf`` file, or a hub id fetched to the local
+    cache.
 
     The local cache is tried first; downloading happens only when the model is not cached. Offline
     (``HF_HUB_OFFLINE=1`` or no network) and not cached gives a message saying so.
@@ -50,11 +52,10 @@ def resolve_model_path(model: str | os.PathLike[str]) -> Path:
         return path
     if path.is_file():
         if path.suffix == ".gguf":
-            raise ModelLoadError(
-                f"{path}: serving GGUF files is not supported yet; use a Hugging Face directory "
-                "(config.json + *.safetensors)"
-            )
-        raise ModelLoadError(f"{path} is a file; --model takes a model directory or a hub id")
+            return path
+        raise ModelLoadError(
+            f"{path} is a file; --model takes a model directory, a .gguf file or a hub id"
+        )
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") != 1
     if looks_local:
         raise ModelLoadError(f"model directory {text} does not exist")
@@ -129,6 +130,10 @@ def load_weights(model: nn.Module, path: Path, progress: bool = False) -> None:
         path: the model directory.
         progress: show a progress bar over the checkpoint files.
     """
+    if path.suffix == ".gguf":
+        from mgpu.models.gguf import load_gguf_weights
+
+        return load_gguf_weights(model, path)
     wanted = model.checkpoint_names()  # type: ignore[operator]
     known = all_checkpoint_names(model.config)  # type: ignore[arg-type]
     pending = set(wanted)
@@ -159,3 +164,4 @@ def load_weights(model: nn.Module, path: Path, progress: bool = False) -> None:
         raise ModelLoadError(
             f"checkpoint in {path} is missing tensor(s) {', '.join(missing[:5])}{more}"
         )
+    finish_loading(model)
