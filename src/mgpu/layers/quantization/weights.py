@@ -11,10 +11,11 @@ Every quantized source (``--quantization``, GGUF blocks) ends in one of these fo
 
 Each form has two paths: the fused PyTorch kernel, and a dequantise-block-by-block path (rows of
 the weight turned back to float a block at a time, then ``F.linear``) used where the kernel does
-not exist or does not take the shape; the tests run both and compare them. The CPU kernels are
-fast only with bfloat16 or float16 activations (an fp32 ``x`` measured 5-30x slower than bf16 on
-a 2048 x 2048 decode matmul, see docs/quantization.md), so an fp32 activation is rounded to bf16
-for the kernel and the result cast back.
+not exist or does not take the shape; the tests run both and compare them.
+The kernels run only for bfloat16 and float16 activations. With fp32 activations PyTorch's CPU
+kernels measured 5-30x slower than with bf16, slower than a dense fp32 matmul (see
+docs/quantization.md), and rounding fp32 activations to bf16 for them moves an fp32 model's
+logits by a few percent; so an fp32 model takes the exact dequantising path.
 
 Storage while loading is simple and sliceable: int4 codes two to a byte, low nibble first. Once
 every shard of a layer is in, :meth:`Int4Weight.finalize` repacks into the kernel's tiled layout.
@@ -32,11 +33,6 @@ import torch.nn.functional as F
 DEQUANT_BLOCK_ROWS = 1024
 #: Group sizes PyTorch's int4 kernels take.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
-
-
-def kernel_dtype(x: torch.Tensor) -> torch.dtype:
-    """Activation dtype the fused kernels run in: bf16 for fp32 input, else the input's own."""
-    return torch.bfloat16 if x.dtype == torch.float32 else x.dtype
 
 
 def _blocked_linear(
@@ -104,11 +100,10 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor, use_kernel: bool) -> torch.Tensor:
         """(T, K) -> (T, N), fused kernel on CPU or block-by-block dequantisation."""
-        if use_kernel and x.device.type == "cpu":
-            dt = kernel_dtype(x)
-            x2 = x.reshape(-1, x.shape[-1]).to(dt)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(dt))
-            return y.view(*x.shape[:-1], -1).to(x.dtype)
+        if use_kernel and x.device.type == "cpu" and x.dtype != torch.float32:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
+            return y.view(*x.shape[:-1], -1)
 
         def rows(start: int, end: int) -> torch.Tensor:
             return self.qweight[start:end].to(x.dtype) * self.scale[start:end, None].to(x.dtype)
@@ -182,10 +177,12 @@ class Int4Weight:
 
         Args:
             use_kernel: False keeps the nibble layout (the dequantising path).
-            dtype: activation dtype the kernel will see (its scale/zero pairs use it).
+            dtype: activation dtype of the model; fp32 keeps the nibble layout (exact maths).
         """
         device = self.packed.device
-        if not use_kernel or self.layout != "nibbles" or not self.kernel_fits(device):
+        if not use_kernel or dtype == torch.float32 or self.layout != "nibbles":
+            return
+        if not self.kernel_fits(device):
             return
         codes = unpack_nibbles(self.packed)  # (N, K) uint8
         if device.type == "cpu":
@@ -200,9 +197,8 @@ class Int4Weight:
             high_first = (codes[:, 0::2] << 4) | codes[:, 1::2]  # (N, K/2) uint8
             self.packed = torch.ops.aten._convert_weight_to_int4pack(high_first, 8)
             self.layout = "cuda"
-        kdt = torch.bfloat16 if dtype == torch.float32 else dtype
         pairs = torch.stack([self.scale, self.zero], dim=-1)  # (N, K/G, 2)
-        self.scale_zero = pairs.transpose(0, 1).contiguous().to(kdt)  # (K/G, N, 2)
+        self.scale_zero = pairs.transpose(0, 1).contiguous().to(dtype)  # (K/G, N, 2)
 
     def dequantize(self) -> torch.Tensor:
         """(N, K) float32 (only in the nibble layout)."""
@@ -218,7 +214,7 @@ class Int4Weight:
         """(T, K) -> (T, N) through the kernel when finalized into its layout."""
         if self.layout != "nibbles":
             assert self.scale_zero is not None
-            x2 = x.reshape(-1, x.shape[-1]).to(self.scale_zero.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
             if self.layout == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x2, self.packed, self.group_size, self.scale_zero
@@ -227,7 +223,7 @@ class Int4Weight:
                 y = torch.ops.aten._weight_int4pack_mm(
                     x2, self.packed, self.group_size, self.scale_zero
                 )
-            return y.view(*x.shape[:-1], -1).to(x.dtype)
+            return y.view(*x.shape[:-1], -1)
         return _blocked_linear(
             x, self.out_features, lambda s, e: self._rows_to_float(s, e, x.dtype)
         )
