@@ -158,7 +158,7 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.model_path = resolve_model_path(model if model is not None else demo_model_path())
-        is_gguf = self.model_path.suffix == ".gguf"
+        is_gguf = self.model_path.is_file()  # a GGUF file or Ollama blob, not a HF directory
         if is_gguf:
             from mgpu.models.gguf import gguf_model_config, gguf_tokenizer
 

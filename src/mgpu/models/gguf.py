@@ -226,8 +226,12 @@ def _file_dtype(reader: Any) -> str:
 
 
 def gguf_model_config(path: Path) -> ModelConfig:
-    """The :class:`ModelConfig` of a GGUF file, from its metadata alone."""
-    return ModelConfig.from_dict(gguf_config_dict(open_gguf(path), path))
+    """The :class:`ModelConfig` of a GGUF file, from its metadata alone (its tensor types are
+    checked here too, so an unreadable file fails before any worker starts)."""
+    reader = open_gguf(path)
+    config = ModelConfig.from_dict(gguf_config_dict(reader, path))
+    gguf_tensors(reader, config, path)
+    return config
 
 
 def gguf_quant_config(path: Path, name: str | None) -> WeightOnlyConfig | None:
@@ -393,3 +397,12 @@ def gguf_tokenizer(path: Path) -> Any:
             f"cannot build a tokenizer from the metadata of {path.name}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether ``path`` is a GGUF file (by its magic bytes: Ollama's blobs have no suffix)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        return f.read(4) == b"GGUF"

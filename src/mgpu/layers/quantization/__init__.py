@@ -74,11 +74,27 @@ def quant_config_for(
     """The quantization of a model: a GGUF file's own types, else ``--quantization NAME``.
 
     Args:
-        model_path: the resolved model (a directory, or a ``.gguf`` file).
+        model_path: the resolved model (a HF directory, or a GGUF file).
         name: the ``--quantization`` value (None: as stored).
     """
-    if Path(model_path).suffix == ".gguf":
+    if Path(model_path).is_file():  # GGUF (a HF model is a directory)
         from mgpu.models.gguf import gguf_quant_config
 
         return gguf_quant_config(Path(model_path), name)
+    check_checkpoint_quantization(Path(model_path))
     return get_quantization_config(name)
+
+
+def check_checkpoint_quantization(model_dir: Path) -> None:
+    """Refuse a checkpoint whose ``config.json`` declares a ``quantization_config`` mgpu cannot
+    load (AWQ and GPTQ are not implemented yet), naming the field and its value."""
+    from mgpu.config import read_config_json
+
+    raw = read_config_json(model_dir).get("quantization_config")
+    if raw is None:
+        return
+    method = raw.get("quant_method") if isinstance(raw, dict) else None
+    raise ConfigError(
+        f"{model_dir}/config.json: quantization_config.quant_method = {method!r} is not supported "
+        "(mgpu loads float checkpoints, optionally with --quantization int8/int4, and GGUF files)"
+    )
