@@ -125,6 +125,24 @@ def pack_q6_k(w: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, -1).reshape(w.shape[0], -1)
 
 
+def llama3_rope_factors(rope: dict, head_dim: int, theta: float) -> np.ndarray:
+    """The ``rope_freqs`` tensor the converter writes for llama3 RoPE scaling."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 _PACKERS = {T.Q4_K: pack_q4_k, T.Q5_K: pack_q5_k, T.Q6_K: pack_q6_k}
 
 
@@ -170,8 +188,13 @@ def write_gguf(
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    rope = config.get("rope_parameters") or {}
-    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(theta)
+    if rope.get("rope_type") == "llama3":
+        head_dim = config.get("head_dim") or hidden // heads
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim, theta))
     writer.add_vocab_size(config["vocab_size"])
     _add_tokenizer(writer, model_dir, "qwen2" if arch == "qwen2" else "default")
     held: dict[str, torch.Tensor] = {}

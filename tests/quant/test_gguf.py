@@ -86,6 +86,16 @@ def test_f32_file_matches_transformers(tmp_path: Path, arch: str, gguf_arch: str
     assert (_logits(tmp_path / "m.gguf") - ref).abs().max() <= 1e-4
 
 
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path: Path) -> None:
+    """Llama 3.1+ files carry llama3 RoPE scaling as a ``rope_freqs`` factor tensor."""
+    model_dir = make_model(tmp_path / "hf", "llama3", **SHAPE)
+    held = write_gguf(model_dir, tmp_path / "m.gguf", T.F32)
+    scaling = gguf_model_config(tmp_path / "m.gguf").rope_scaling
+    assert scaling is not None and scaling.factor == 8.0
+    assert scaling.original_max_position_embeddings == 64
+    assert (_logits(tmp_path / "m.gguf") - _reference(model_dir, held)).abs().max() <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("gguf_llama"), "llama3", rope_scaling=None, **SHAPE)

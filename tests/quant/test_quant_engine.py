@@ -43,13 +43,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def _run(path: Path, quantization: str | None, tp: int = 1, pp: int = 1):
+def _run(path: Path, quantization: str | None, tp: int = 1, pp: int = 1, dtype: str = "float32"):
     with LLM(
         str(path),
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         device="cpu",
-        dtype="float32",
+        dtype=dtype,
         num_blocks=64,
         quantization=quantization,
     ) as llm:
@@ -104,19 +104,18 @@ def test_tp2_and_pp2_agree_with_unsharded(model_dir: Path, quantization: str) ->
 
 
 def test_per_rank_weight_bytes(model_dir: Path) -> None:
-    """TP=2 int4: each rank's linears take 1/2 byte a weight plus a bf16 scale/zero pair per
-    group of 128, about a quarter of bf16; the float embeddings and norms are unchanged."""
+    """TP=2 int4 in bf16: each rank's linears take 1/2 byte a weight plus a bf16 scale/zero pair
+    per group of 128, about a quarter of bf16; the embeddings and norms are unchanged."""
     config = ModelConfig.from_file(model_dir)
     linear = _linear_elements(config)
-    fp32 = _run(model_dir, None, tp=2)[1]
-    int4 = _run(model_dir, "int4", tp=2)[1]
-    for full, quant in zip(fp32, int4, strict=True):
-        other = full.param_bytes - linear // 2 * 4  # embeddings, norms, LM head of the rank
+    bf16 = _run(model_dir, None, tp=2, dtype="bfloat16")[1]
+    int4 = _run(model_dir, "int4", tp=2, dtype="bfloat16")[1]
+    for full, quant in zip(bf16, int4, strict=True):
+        other = full.param_bytes - linear // 2 * 2  # embeddings, norms, LM head of the rank
         linear_bytes = quant.param_bytes - other
         expected = linear // 2 * (0.5 + 4 / DEFAULT_INT4_GROUP_SIZE)
         assert linear_bytes == pytest.approx(expected, rel=0.01)
-        bf16 = linear // 2 * 2
-        assert 0.25 <= linear_bytes / bf16 <= 0.25 + 2 / DEFAULT_INT4_GROUP_SIZE + 1e-6
+        assert 0.25 <= linear_bytes / (linear // 2 * 2) <= 0.25 + 2 / DEFAULT_INT4_GROUP_SIZE + 1e-6
 
 
 def _perplexity(llm: LLM) -> float:

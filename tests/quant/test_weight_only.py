@@ -149,3 +149,27 @@ def test_tp_shards_reassemble_the_unsharded_layer(tp2, bits: int) -> None:
     # the bf16 kernel rounding; int8 has one scale per row *per shard*, slightly finer.
     assert (o_parts[0] + o_parts[1] - ref_o).abs().max() <= 0.02 * scale
     assert isinstance(full_o.packed_parts[0], Int4Weight) == (bits == 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_paths_match_the_cpu_dequantising_path(bits: int) -> None:
+    """On CUDA: int4 through ``_weight_int4pack_mm``, int8 through the dequantising path."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 512)
+    x = torch.randn(4, 512, dtype=torch.bfloat16)
+    config = WeightOnlyConfig(name=f"int{bits}", bits=bits, group_size=128)
+    outs = []
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device), quantization_scope(config):
+                layer = ColumnParallelLinear(512, [256])
+        finally:
+            torch.set_default_dtype(previous)
+        _load(layer, [w])
+        outs.append(layer(x.to(device, dtype)).float().cpu())
+    if bits == 4:
+        assert layer.packed_parts[0].layout == "cuda"  # type: ignore[union-attr]
+    assert torch.allclose(outs[0], outs[1], atol=0.02 * outs[0].abs().max().item())

@@ -132,7 +132,8 @@ class LLMEngine:
         compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
         quantization: ``int8`` or ``int4`` weight-only quantization of a float checkpoint while
-            loading (see docs/quantization.md); a GGUF file keeps its own types.
+            loading (see docs/quantization.md); a GGUF file keeps its own types. With it,
+            ``dtype="auto"`` means bfloat16, the activation dtype of the fused kernels.
     """
 
     def __init__(
@@ -179,7 +180,9 @@ class LLMEngine:
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda":
             self._check_gpus()
-        self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
+        # Quantized weights run their fused kernels with bf16 activations (docs/quantization.md).
+        auto = torch.bfloat16 if quantization else parse_dtype(self.model_config.torch_dtype)
+        self.dtype = parse_dtype(dtype, auto)
         quant_config_for(self.model_path, quantization)  # an unknown name fails before spawning
         context = self.model_config.max_position_embeddings
         if max_model_len is not None and max_model_len > context:
