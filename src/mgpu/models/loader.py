@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mgpu.errors import ModelLoadError
-from mgpu.layers.quantization import finish_loading
+from mgpu.layers.quantization import checkpoint_quant_format, finish_loading
 from mgpu.models.gguf import is_gguf_file
 from mgpu.models.llama import all_checkpoint_names
 from mgpu.models.ollama import looks_like_ollama_name, resolve_ollama
@@ -138,6 +138,12 @@ def load_weights(model: nn.Module, path: Path, progress: bool = False) -> None:
         from mgpu.models.gguf import load_gguf_weights
 
         return load_gguf_weights(model, path)
+    fmt = checkpoint_quant_format(path)
+    if fmt is not None:  # AWQ / GPTQ
+        from mgpu.layers.quantization.int4_checkpoint import load_int4_checkpoint
+
+        known = all_checkpoint_names(model.config)  # type: ignore[arg-type]
+        return load_int4_checkpoint(model, safetensors_files(path), fmt, known)
     wanted = model.checkpoint_names()  # type: ignore[operator]
     known = all_checkpoint_names(model.config)  # type: ignore[arg-type]
     pending = set(wanted)

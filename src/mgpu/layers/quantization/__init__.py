@@ -20,6 +20,7 @@ from mgpu.layers.quantization.base import (
     current_quant_config,
     quantization_scope,
 )
+from mgpu.layers.quantization.int4_checkpoint import Int4CheckpointFormat, checkpoint_format
 from mgpu.layers.quantization.method import DEFAULT_INT4_GROUP_SIZE, WeightOnlyConfig
 
 #: ``--quantization`` values for float checkpoints.
@@ -31,6 +32,7 @@ __all__ = [
     "LinearMethodBase",
     "QuantizationConfig",
     "WeightOnlyConfig",
+    "checkpoint_quant_format",
     "current_quant_config",
     "finish_loading",
     "get_quantization_config",
@@ -71,7 +73,8 @@ def finish_loading(model: nn.Module) -> None:
 def quant_config_for(
     model_path: str | os.PathLike[str], name: str | None
 ) -> QuantizationConfig | None:
-    """The quantization of a model: a GGUF file's own types, else ``--quantization NAME``.
+    """The quantization of a model: a GGUF file's own types, an AWQ/GPTQ checkpoint's packing,
+    else ``--quantization NAME``.
 
     Args:
         model_path: the resolved model (a HF directory, or a GGUF file).
@@ -81,20 +84,25 @@ def quant_config_for(
         from mgpu.models.gguf import gguf_quant_config
 
         return gguf_quant_config(Path(model_path), name)
-    check_checkpoint_quantization(Path(model_path))
+    fmt = checkpoint_quant_format(Path(model_path))
+    if fmt is not None:
+        if name is not None:
+            raise ConfigError(
+                f"{model_path} is already a 4-bit {fmt.method} checkpoint; "
+                f"drop --quantization {name}"
+            )
+        return WeightOnlyConfig(name=fmt.method, bits=None)
     return get_quantization_config(name)
 
 
-def check_checkpoint_quantization(model_dir: Path) -> None:
-    """Refuse a checkpoint whose ``config.json`` declares a ``quantization_config`` mgpu cannot
-    load (AWQ and GPTQ are not implemented yet), naming the field and its value."""
+def checkpoint_quant_format(model_dir: Path) -> Int4CheckpointFormat | None:
+    """The AWQ/GPTQ packing a checkpoint's ``config.json`` declares (None for a float one); an
+    unsupported ``quantization_config`` fails naming the field and its value."""
     from mgpu.config import read_config_json
 
     raw = read_config_json(model_dir).get("quantization_config")
     if raw is None:
-        return
-    method = raw.get("quant_method") if isinstance(raw, dict) else None
-    raise ConfigError(
-        f"{model_dir}/config.json: quantization_config.quant_method = {method!r} is not supported "
-        "(mgpu loads float checkpoints, optionally with --quantization int8/int4, and GGUF files)"
-    )
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{model_dir}/config.json: quantization_config is not an object")
+    return checkpoint_format(raw, f"{model_dir}/config.json")
