@@ -452,6 +452,9 @@ def _arg(default: Any, help: str, **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
 
 
+#: ``--quantization`` values: mgpu's on-the-fly methods, then vLLM's names of checkpoint formats.
+QUANTIZATION_CHOICES = ("int8", "int4", "awq", "gptq", "gguf")
+
 #: vLLM flags mgpu accepts without acting on them, and why (printed once at start-up when set).
 IGNORED_BECAUSE = {
     "seed": "sampling seeds are per request (the request's `seed` field)",
@@ -459,7 +462,6 @@ IGNORED_BECAUSE = {
     "swap_space": "pre-empted sequences are recomputed, never swapped to CPU memory",
     "kv_cache_dtype": "the KV cache is kept in the model's dtype",
     "enable_prefix_caching": "there is no prefix cache yet",
-    "quantization": "this build serves unquantised checkpoints only",
     "disable_log_stats": "mgpu prints no periodic statistics (see /metrics)",
     "disable_log_requests": "mgpu logs requests only at --log-level info",
 }
@@ -488,6 +490,14 @@ class EngineArgs:
     )
     enable_expert_parallel: bool = _arg(
         False, "MoE models: place whole experts on the TP ranks instead of slicing every expert"
+    )
+    quantization: str | None = _arg(
+        None,
+        "int8 or int4: weight-only quantization of a float checkpoint while loading; awq, gptq "
+        "and gguf (vLLM's names) state the checkpoint's own format, which is read from the "
+        "model anyway (docs/quantization.md)",
+        choices=QUANTIZATION_CHOICES,
+        flags=("-q",),
     )
     device: str | None = _arg(None, "cpu or cuda (default: cuda if any)", choices=("cpu", "cuda"))
     dtype: str = _arg(
@@ -542,9 +552,6 @@ class EngineArgs:
     kv_cache_dtype: str = _arg("auto", "vLLM's KV-cache dtype (auto only)", group="vllm")
     enable_prefix_caching: bool = _arg(
         False, "vLLM's prefix cache (see the start-up line)", group="vllm"
-    )
-    quantization: str | None = _arg(
-        None, "vLLM's quantization method (see the start-up line)", group="vllm"
     )
     disable_log_stats: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
     disable_log_requests: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
@@ -616,6 +623,7 @@ class EngineArgs:
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "layer_split": self.layer_split,
             "enable_expert_parallel": self.enable_expert_parallel,
+            "quantization": self.quantization,
             "device": self.device,
             "dtype": self.dtype,
             "max_model_len": self.max_model_len,

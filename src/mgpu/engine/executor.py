@@ -106,6 +106,7 @@ class LaunchConfig:
         max_steps_in_flight: most steps outstanding at once (bounds the control group's threads).
         heartbeat_timeout_s: a rank whose heartbeat stalls this long is declared dead.
         timeout_s: how long a collective may wait for a peer.
+        quantization: ``--quantization`` of the weights (None: as stored).
     """
 
     device_type: str
@@ -120,6 +121,7 @@ class LaunchConfig:
     max_steps_in_flight: int = 1
     heartbeat_timeout_s: float = 5.0
     timeout_s: float = 300.0
+    quantization: str | None = None
 
 
 class WorkerSet:
@@ -173,6 +175,7 @@ class WorkerSet:
                 tp_shm=self.shm_files.get(rank // tp),
                 control_threads=lc.max_steps_in_flight + 1,
                 timeout_s=lc.timeout_s,
+                quantization=lc.quantization,
             )
             self.procs.append(launch(init))
         self._finalizer = weakref.finalize(self, _kill_all, list(self.procs), self.shm_files)

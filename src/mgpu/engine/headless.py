@@ -7,6 +7,7 @@ evenly, contiguous) and waits for them; node 0 sends them steps over the control
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from mgpu.config import CacheConfig, EngineArgs, ModelConfig, ParallelConfig, pa
 from mgpu.engine.executor import LaunchConfig, WorkerSet, describe_exit, node_ranks
 from mgpu.engine.placement import resolve_layout
 from mgpu.errors import ConfigError
+from mgpu.layers.quantization import quant_config_for
 from mgpu.memory import weight_bytes_per_rank
 from mgpu.models.loader import demo_model_path, resolve_model_path
 from mgpu.models.registry import model_class
@@ -42,12 +44,20 @@ def resolve(args: EngineArgs) -> ResolvedPlan:
         args: the engine settings.
     """
     path = resolve_model_path(args.model if args.model is not None else demo_model_path())
-    config = ModelConfig.from_file(path)
+    if path.is_file():  # a GGUF file or Ollama blob
+        from mgpu.models.gguf import gguf_model_config
+
+        config = gguf_model_config(path)
+    else:
+        config = ModelConfig.from_file(path)
     model_class(config)  # refuse an unsupported architecture here too
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
-    dtype = parse_dtype(args.dtype, parse_dtype(config.torch_dtype))
+    quant_config_for(path, args.quantization)  # a format the model does not have fails here
+    # Quantized weights run their fused kernels with bf16 activations (as LLMEngine decides).
+    auto = torch.bfloat16 if args.quantization else parse_dtype(config.torch_dtype)
+    dtype = parse_dtype(args.dtype, auto)
     parallel, rank_memory = resolve_layout(
         config,
         torch.finfo(dtype).bits // 8,
@@ -58,6 +68,8 @@ def resolve(args: EngineArgs) -> ResolvedPlan:
         args.placement,
         args.device_memory,
     )
+    if args.enable_expert_parallel:
+        parallel = dataclasses.replace(parallel, enable_expert_parallel=True)
     parallel.check_model(config)
     return ResolvedPlan(path, config, parallel, device, dtype, rank_memory)
 
@@ -145,6 +157,7 @@ def run_headless(args: EngineArgs) -> int:
         master_addr=args.master_addr,
         master_port=args.master_port,
         max_steps_in_flight=plan.parallel_config.pipeline_parallel_size,
+        quantization=args.quantization,
     )
     workers = WorkerSet(
         plan.model_path, plan.model_config, plan.parallel_config, launch, ranks, args.master_port

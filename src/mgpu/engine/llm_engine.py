@@ -38,6 +38,7 @@ from mgpu.engine.placement import resolve_layout
 from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
+from mgpu.layers.quantization import quant_config_for
 from mgpu.memory import padded_vocab_size
 from mgpu.models.loader import demo_model_path, resolve_model_path, safetensors_files
 from mgpu.models.registry import model_class
@@ -144,6 +145,9 @@ class LLMEngine:
         nnodes: machines the ranks are spread over; node 0 (this process) hosts the rendezvous.
         master_addr: node 0's address, as the other nodes reach it.
         master_port: the rendezvous port (0: any free one, single node only).
+        quantization: ``int8`` or ``int4`` weight-only quantization of a float checkpoint while
+            loading (see docs/quantization.md); a GGUF file keeps its own types. With it,
+            ``dtype="auto"`` means bfloat16, the activation dtype of the fused kernels.
 
     Every keyword is an :class:`~mgpu.config.EngineArgs` field (see :meth:`from_engine_args`).
     """
@@ -174,17 +178,28 @@ class LLMEngine:
         nnodes: int = 1,
         master_addr: str = "127.0.0.1",
         master_port: int = 0,
+        quantization: str | None = None,
     ):
         from transformers import AutoTokenizer
 
         self.model_path = resolve_model_path(model if model is not None else demo_model_path())
-        self.model_config = ModelConfig.from_file(self.model_path)
+        is_gguf = self.model_path.is_file()  # a GGUF file or Ollama blob, not a HF directory
+        if is_gguf:
+            from mgpu.models.gguf import gguf_model_config, gguf_tokenizer
+
+            self.model_config = gguf_model_config(self.model_path)
+        else:
+            self.model_config = ModelConfig.from_file(self.model_path)
         model_class(self.model_config)  # refuse unsupported architectures before spawning anything
-        safetensors_files(self.model_path)  # and a directory without usable weights
+        if not is_gguf:
+            safetensors_files(self.model_path)  # and a directory without usable weights
         self.device = device or _default_device()
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
-        self.dtype = parse_dtype(dtype, parse_dtype(self.model_config.torch_dtype))
+        # Quantized weights run their fused kernels with bf16 activations (docs/quantization.md).
+        auto = torch.bfloat16 if quantization else parse_dtype(self.model_config.torch_dtype)
+        self.dtype = parse_dtype(dtype, auto)
+        quant_config_for(self.model_path, quantization)  # an unknown name fails before spawning
         # The layout is decided (or refused) here, before any process starts or weight is read.
         self.parallel_config, rank_memory = resolve_layout(
             self.model_config,
@@ -227,7 +242,11 @@ class LLMEngine:
         )
         tokenizer_path = str(resolve_model_path(tokenizer)) if tokenizer else str(self.model_path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            self.tokenizer = (
+                gguf_tokenizer(self.model_path)
+                if is_gguf and tokenizer is None
+                else AutoTokenizer.from_pretrained(tokenizer_path)
+            )
         except Exception as exc:
             raise ConfigError(f"cannot load the tokenizer of {tokenizer_path}: {exc}") from None
         if chat_template is not None:
@@ -248,6 +267,7 @@ class LLMEngine:
             nnodes=nnodes,
             master_addr=master_addr,
             master_port=master_port,
+            quantization=quantization,
         )
         self.executor = Executor(
             self.model_path, self.model_config, self.parallel_config, launch_config

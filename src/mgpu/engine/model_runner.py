@@ -20,6 +20,7 @@ from mgpu.distributed.communication import pp_recv, pp_send
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, visible_keys
 from mgpu.layers.moe import expert_parallel
+from mgpu.layers.quantization import quant_config_for, quantization_scope
 from mgpu.memory import kv_bytes_per_token
 from mgpu.models.loader import load_weights
 from mgpu.models.registry import model_class
@@ -56,6 +57,7 @@ class ModelRunner:
         rank: global rank.
         cache_config: KV-cache settings (block size, memory budget).
         compile_decode: run decode-only steps through ``torch.compile`` (see ``_forward``).
+        quantization: ``--quantization`` of the weights (None: as stored in the checkpoint).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class ModelRunner:
         rank: int,
         cache_config: CacheConfig,
         compile_decode: bool = False,
+        quantization: str | None = None,
     ):
         self.config, self.device, self.dtype, self.rank = model_config, device, dtype, rank
         pp_rank, pp_size = ps.get_pp_rank(), ps.get_pp_size()
@@ -78,7 +81,12 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(device), expert_parallel(parallel_config.enable_expert_parallel):
+            quant_config = quant_config_for(model_path, quantization)
+            with (
+                torch.device(device),
+                expert_parallel(parallel_config.enable_expert_parallel),
+                quantization_scope(quant_config),
+            ):
                 self.model = cls(model_config, self.layer_range, self.is_first, self.is_last)
         finally:
             torch.set_default_dtype(previous)

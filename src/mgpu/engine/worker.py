@@ -83,6 +83,7 @@ class WorkerInit:
     tp_shm: ShmFiles | None = None
     control_threads: int = 2
     timeout_s: float = 300.0
+    quantization: str | None = None
 
 
 def launch(init: WorkerInit) -> subprocess.Popen:
@@ -219,6 +220,7 @@ def _serve(init: WorkerInit, store: Any) -> None:
         init.rank,
         init.cache_config,
         init.compile_decode,
+        init.quantization,
     )
     control.reply((-1, runner.report()))
     try:

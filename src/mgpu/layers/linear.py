@@ -1,15 +1,17 @@
 """Column- and row-parallel linear layers (Megatron-style), sharded at construction.
 
 Each parameter carries a ``weight_loader(param, loaded, shard_id)`` that takes this rank's slice of
-a
-full checkpoint tensor. ``loaded`` is lazy (a safetensors slice): indexing it reads only the rows or
-columns this rank owns, so no rank ever materialises the full matrix.
+a full checkpoint tensor. ``loaded`` is lazy (a safetensors slice, a GGUF tensor): indexing it reads
+only the rows or columns this rank owns, so no rank ever materialises the full matrix.
 
 ::
 
-    ColumnParallelLinear  W (out, in):  rank r holds rows    [r*out/tp, (r+1)*out/tp)   -> no comm
-    RowParallelLinear     W (out, in):  rank r holds columns [r*in/tp,  (r+1)*in/tp)    -> all-
-    reduce
+    ColumnParallelLinear  W (out, in): rank r holds rows    [r*out/tp, (r+1)*out/tp)  -> no comm
+    RowParallelLinear     W (out, in): rank r holds columns [r*in/tp,  (r+1)*in/tp)   -> all-reduce
+
+The layer owns this geometry; how the shard is stored and multiplied (plain float, int8, int4,
+converted GGUF blocks) is its ``quant_method`` (see ``layers.quantization``), chosen at
+construction from the active :func:`~mgpu.layers.quantization.base.quantization_scope`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from torch import nn
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce
 from mgpu.errors import ModelLoadError
+from mgpu.layers.quantization.base import (
+    LinearMethodBase,
+    QuantizationConfig,
+    current_quant_config,
+)
 
 
 class LazyTensor(Protocol):
@@ -61,15 +68,114 @@ def _param(shape: tuple[int, ...], loader: object) -> nn.Parameter:
     return p
 
 
-class ColumnParallelLinear(nn.Module):
+class UnquantizedLinearMethod(LinearMethodBase):
+    """Weights kept in the model dtype; ``F.linear``. The default of every parallel linear."""
+
+    def create_weights(self, layer: LinearBase) -> None:
+        """A float ``(local out, local in)`` weight."""
+        layer.weight = _param((sum(layer.local_sizes), layer.local_input), layer.weight_loader)
+
+    def weight_loader(
+        self, layer: LinearBase, param: nn.Parameter, loaded: LazyTensor, shard_id: int
+    ) -> None:
+        """Copy this rank's slice of fused output ``shard_id`` into its rows of ``weight``."""
+        offset, _, rows = layer.shard_rows(shard_id)
+        _copy(param[offset : offset + rows], layer.read_shard(loaded, shard_id, param))
+
+    def apply(
+        self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``F.linear`` on the float shard."""
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """Geometry shared by the parallel linears, and the hand-off to their ``quant_method``.
+
+    Args:
+        input_size: full width of x.
+        output_sizes: full widths of the fused outputs (one entry for an unfused projection).
+        local_input: columns of W this rank holds.
+        local_sizes: rows of each fused output this rank holds.
+        input_start: first column of W this rank holds.
+        quant_config: the quantization (default: the active ``quantization_scope``'s).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        local_input: int,
+        local_sizes: Sequence[int],
+        input_start: int,
+        quant_config: QuantizationConfig | None,
+    ):
+        super().__init__()
+        self.input_size, self.local_input, self.input_start = input_size, local_input, input_start
+        self.output_sizes = list(output_sizes)
+        self.local_sizes = list(local_sizes)
+        config = quant_config if quant_config is not None else current_quant_config()
+        self.quant_method: LinearMethodBase = (
+            config.get_linear_method(self) if config is not None else UnquantizedLinearMethod()
+        )
+        self.quant_method.create_weights(self)
+
+    def shard_rows(self, shard_id: int) -> tuple[int, int, int]:
+        """(offset in the local param, first row in the full tensor, rows) of output ``shard_id``"""
+        local = self.local_sizes[shard_id]
+        return sum(self.local_sizes[:shard_id]), ps.get_tp_rank() * local, local
+
+    def full_shape(self, param: nn.Parameter | None, shard_id: int) -> tuple[int, ...]:
+        """Checkpoint shape of fused output ``shard_id`` (of the weight, or of ``param`` a bias)."""
+        rows = self.output_sizes[shard_id]
+        return (rows,) if param is not None and param is self.bias else (rows, self.input_size)
+
+    def shard_window(self, shard_id: int) -> tuple[slice, slice | None]:
+        """(rows, columns or None for all) of the full weight ``shard_id`` that this rank holds."""
+        _, start, rows = self.shard_rows(shard_id)
+        cols = None
+        if self.local_input != self.input_size:
+            cols = slice(self.input_start, self.input_start + self.local_input)
+        return slice(start, start + rows), cols
+
+    def read_shard(self, loaded: LazyTensor, shard_id: int, param: nn.Parameter) -> torch.Tensor:
+        """This rank's part of the full weight ``shard_id`` as a float tensor (shape-checked)."""
+        check_shape(loaded, self.full_shape(None, shard_id), _name(param))
+        rows, cols = self.shard_window(shard_id)
+        if cols is None:
+            return loaded[rows]
+        if rows.start == 0 and rows.stop == loaded.shape[0]:
+            return loaded[:, cols]
+        return loaded[rows, cols]
+
+    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: int = 0) -> None:
+        """Load fused output ``shard_id`` of the weight (via the method) or of the bias."""
+        if param is self.bias:
+            check_shape(loaded, self.full_shape(param, shard_id), _name(param))
+            offset, start, rows = self.shard_rows(shard_id)
+            _copy(param[offset : offset + rows], loaded[start : start + rows])
+        else:
+            self.quant_method.weight_loader(self, param, loaded, shard_id or 0)
+
+    def process_weights_after_loading(self) -> None:
+        """Let the method fuse or repack the loaded shards (called once by the loader)."""
+        self.quant_method.process_weights_after_loading(self)
+
+
+def _name(param: nn.Parameter) -> str:
+    return getattr(param, "checkpoint_name", "?")
+
+
+class ColumnParallelLinear(LinearBase):
     """``y = x W^T + b`` with W split by output rows; each rank returns its slice of ``y``.
 
     Args:
         input_size: width of x.
         output_sizes: widths of the fused outputs, e.g. ``[inter, inter]`` for gate/up; each is
-        split
-            over the TP ranks separately so a rank holds ``[gate_r; up_r]``.
+            split over the TP ranks separately so a rank holds ``[gate_r; up_r]``.
         bias: whether the projection has a bias.
+        local_sizes: rows of each output this rank holds (default: an even split).
+        quant_config: the quantization (default: the active ``quantization_scope``'s).
     """
 
     def __init__(
@@ -78,39 +184,29 @@ class ColumnParallelLinear(nn.Module):
         output_sizes: Sequence[int],
         bias: bool = False,
         local_sizes: Sequence[int] | None = None,
+        quant_config: QuantizationConfig | None = None,
     ):
-        super().__init__()
         tp = ps.get_tp_size()
         if local_sizes is None:
             for size in output_sizes:
                 if size % tp:
                     raise ModelLoadError(f"output width {size} does not divide by TP size {tp}")
             local_sizes = [s // tp for s in output_sizes]
-        self.input_size = input_size
-        self.output_sizes = list(output_sizes)
-        self.local_sizes = list(local_sizes)
-        self.weight = _param((sum(self.local_sizes), input_size), self.weight_loader)
-        self.bias = _param((sum(self.local_sizes),), self.weight_loader) if bias else None
-
-    def shard_rows(self, shard_id: int) -> tuple[int, int, int]:
-        """(offset in the local param, first row in the full tensor, rows) of output ``shard_id``"""
-        local = self.local_sizes[shard_id]
-        return sum(self.local_sizes[:shard_id]), ps.get_tp_rank() * local, local
-
-    def full_shape(self, param: nn.Parameter, shard_id: int) -> tuple[int, ...]:
-        """Checkpoint shape of fused output ``shard_id`` of ``param``."""
-        rows = self.output_sizes[shard_id]
-        return (rows, self.input_size) if param.dim() == 2 else (rows,)
-
-    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: int = 0) -> None:
-        """Copy this rank's rows of fused output ``shard_id`` from the full checkpoint tensor."""
-        check_shape(loaded, self.full_shape(param, shard_id), param.checkpoint_name)  # type: ignore[attr-defined]
-        offset, start, rows = self.shard_rows(shard_id)
-        _copy(param[offset : offset + rows], loaded[start : start + rows])
+        self.bias: nn.Parameter | None = None
+        super().__init__(input_size, output_sizes, input_size, local_sizes, 0, quant_config)
+        if bias:
+            self.bias = _param((sum(self.local_sizes),), self.weight_loader)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, input_size) -> (tokens, sum(output_sizes) / tp)."""
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel linear of several fused outputs (gate/up), under vLLM's name.
+
+    The same layer as :class:`ColumnParallelLinear` with more than one entry in ``output_sizes``.
+    """
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -122,7 +218,13 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self, hidden_size: int, head_dim: int, total_heads: int, total_kv_heads: int, bias: bool
+        self,
+        hidden_size: int,
+        head_dim: int,
+        total_heads: int,
+        total_kv_heads: int,
+        bias: bool,
+        quant_config: QuantizationConfig | None = None,
     ):
         tp = ps.get_tp_size()
         self.total_heads, self.total_kv_heads, self.head_dim = total_heads, total_kv_heads, head_dim
@@ -136,6 +238,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             [total_heads * head_dim, kv_rows, kv_rows],
             bias,
             local_sizes=[self.num_heads * head_dim] + [self.num_kv_heads * head_dim] * 2,
+            quant_config=quant_config,
         )
 
     def shard_rows(self, shard_id: int) -> tuple[int, int, int]:
@@ -145,33 +248,49 @@ class QKVParallelLinear(ColumnParallelLinear):
         return sum(self.local_sizes[:shard_id]), index * local, local
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """``y = x W^T + b`` with W split by input columns; partial sums all-reduced over TP.
 
     The input arrives already split (the output of a column-parallel layer), so the only
     communication is the all-reduce of the (tokens, output_size) result.
+
+    Args:
+        input_size: full width of x.
+        output_size: width of y.
+        bias: whether the projection has a bias (added once, after the all-reduce).
+        quant_config: the quantization (default: the active ``quantization_scope``'s).
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__()
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+    ):
         tp = ps.get_tp_size()
         if input_size % tp:
             raise ModelLoadError(f"input width {input_size} does not divide by TP size {tp}")
-        self.input_size, self.output_size = input_size, output_size
-        self.local_input = input_size // tp
-        self.weight = _param((output_size, self.local_input), self.weight_loader)
-        self.bias = _param((output_size,), load_replicated) if bias else None
+        self.output_size = output_size
+        local_input = input_size // tp
+        self.bias: nn.Parameter | None = None
+        super().__init__(
+            input_size,
+            [output_size],
+            local_input,
+            [output_size],
+            ps.get_tp_rank() * local_input,
+            quant_config,
+        )
+        if bias:
+            self.bias = _param((output_size,), load_replicated)
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded: LazyTensor, shard_id: object = None
-    ) -> None:
-        """Copy this rank's columns from the full (output, input) checkpoint tensor."""
-        check_shape(loaded, (self.output_size, self.input_size), param.checkpoint_name)  # type: ignore[attr-defined]
-        start = ps.get_tp_rank() * self.local_input
-        _copy(param, loaded[:, start : start + self.local_input])
+    def shard_rows(self, shard_id: int) -> tuple[int, int, int]:
+        """Every rank holds all output rows."""
+        return 0, 0, self.output_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, input_size / tp) -> (tokens, output_size), summed over the TP group."""
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(self.quant_method.apply(self, x))
         # The bias is added once, after the reduction, not once per rank.
         return y + self.bias if self.bias is not None else y

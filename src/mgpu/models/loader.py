@@ -17,6 +17,9 @@ from torch import nn
 from tqdm import tqdm
 
 from mgpu.errors import ModelLoadError
+from mgpu.layers.quantization import checkpoint_quant_format, finish_loading
+from mgpu.models.gguf import is_gguf_file
+from mgpu.models.ollama import looks_like_ollama_name, resolve_ollama
 
 #: Checkpoint tensors that carry no weights (recomputed buffers some exporters save).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -36,7 +39,8 @@ def demo_model_path() -> Path:
 
 
 def resolve_model_path(model: str | os.PathLike[str]) -> Path:
-    """A local model directory for ``model``: a directory, or a hub id fetched to the local cache.
+    """A local model for ``model``: a directory, a GGUF file, an Ollama model name (its GGUF blob
+    in the Ollama store), or a hub id fetched to the local cache.
 
     The local cache is tried first; downloading happens only when the model is not cached. Offline
     (``HF_HUB_OFFLINE=1`` or no network) and not cached gives a message saying so.
@@ -48,12 +52,13 @@ def resolve_model_path(model: str | os.PathLike[str]) -> Path:
             raise ModelLoadError(f"{path} is a directory but has no config.json: not a HF model")
         return path
     if path.is_file():
-        if path.suffix == ".gguf":
-            raise ModelLoadError(
-                f"{path}: serving GGUF files is not supported yet; use a Hugging Face directory "
-                "(config.json + *.safetensors)"
-            )
-        raise ModelLoadError(f"{path} is a file; --model takes a model directory or a hub id")
+        if path.suffix == ".gguf" or is_gguf_file(path):
+            return path
+        raise ModelLoadError(
+            f"{path} is a file; --model takes a model directory, a .gguf file or a hub id"
+        )
+    if looks_like_ollama_name(text):
+        return resolve_ollama(text)
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") != 1
     if looks_local:
         raise ModelLoadError(f"model directory {text} does not exist")
@@ -130,6 +135,16 @@ def load_weights(model: nn.Module, path: Path, progress: bool = False) -> None:
         path: the model directory.
         progress: show a progress bar over the checkpoint files.
     """
+    if path.is_file():  # resolve_model_path returns a file only for GGUF
+        from mgpu.models.gguf import load_gguf_weights
+
+        return load_gguf_weights(model, path)
+    fmt = checkpoint_quant_format(path)
+    if fmt is not None:  # AWQ / GPTQ
+        from mgpu.layers.quantization.int4_checkpoint import load_int4_checkpoint
+
+        known = model.all_checkpoint_names(model.config)  # type: ignore[operator]
+        return load_int4_checkpoint(model, safetensors_files(path), fmt, known)
     wanted = model.checkpoint_names()  # type: ignore[operator]
     known = model.all_checkpoint_names(model.config)  # type: ignore[operator]
     pending = set(wanted)
@@ -160,3 +175,4 @@ def load_weights(model: nn.Module, path: Path, progress: bool = False) -> None:
         raise ModelLoadError(
             f"checkpoint in {path} is missing tensor(s) {', '.join(missing[:5])}{more}"
         )
+    finish_loading(model)
