@@ -428,23 +428,29 @@ def test_expert_parallel_layouts_are_planned_with_their_all_to_all_cost() -> Non
         plan("Llama-3.1-8B", "2x4090", parallelism="ep")
 
 
-def test_quantized_command_appears_once_the_engine_offers_the_format(
+def test_quantized_commands_follow_the_formats_the_engine_offers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from mgpu.planner import commands
 
-    refused = plan("llama3.3:70b", "2x4090")
-    assert "does not load GGUF files" in refused.commands["mgpu"]
-    offered = {**commands._serve_options(), "--quantization": ("gguf", "awq")}
-    monkeypatch.setattr(commands, "_serve_options", lambda: offered)
     command = plan("llama3.3:70b", "2x4090").commands["mgpu"]
     assert command.startswith("mgpu serve --model llama3.3:70b-instruct-q4_K_M ")
     assert "--quantization gguf" in command and "--dtype" not in command
     awq = plan("Llama-3.3-70B", "2x4090", quantization="awq-int4").commands["mgpu"]
     assert "--quantization awq" in awq
     assert (
+        "--quantization int4"
+        in plan("Llama-3.1-8B", "1x4090", quantization="int4").commands["mgpu"]
+    )
+    q2 = plan("Llama-3.1-8B", "1x4090", quantization="q2_k").commands["mgpu"]
+    assert q2.startswith("# no mgpu serve command: the engine does not decode GGUF q2_k")
+    assert (
         "does not load fp8" in plan("Llama-3.1-8B", "1x4090", quantization="fp8").commands["mgpu"]
     )
+    # An engine without the format gets no command, whatever the planner knows of it.
+    offered = {**commands._serve_options(), "--quantization": ("int8",)}
+    monkeypatch.setattr(commands, "_serve_options", lambda: offered)
+    assert plan("llama3.3:70b", "2x4090").commands["mgpu"].startswith("# no mgpu serve command")
 
 
 def test_parallelism_that_contradicts_the_sizes_is_refused() -> None:

@@ -107,7 +107,13 @@ def _serve_quantization(inputs: CommandInputs) -> str | None:
     fmt = inputs.fmt
     if not _is_quantized(inputs):
         return None
-    wanted = ["gguf", fmt.name] if fmt.family == "gguf" or inputs.model.is_gguf_file else []
+    wanted: list[str] = []
+    if fmt.family == "gguf" or inputs.model.is_gguf_file:
+        from mgpu.layers.quantization.gguf import FILE_TYPES
+
+        if fmt.name not in FILE_TYPES:
+            return None  # a GGUF type the engine does not decode
+        wanted = ["gguf", fmt.name]
     wanted += [name for name in (fmt.vllm_name, fmt.name) if name]
     return next((name for name in wanted if _accepted("--quantization", name)), None)
 
@@ -129,8 +135,16 @@ def mgpu_refusal(inputs: CommandInputs) -> str | None:
         return f"the engine does not run this model ({exc})"
     fmt = inputs.fmt
     if _is_quantized(inputs) and _serve_quantization(inputs) is None:
-        what = "GGUF files" if inputs.model.is_gguf_file or fmt.family == "gguf" else fmt.name
-        return f"the engine does not load {what} yet (mgpu serve --quantization does not offer it)"
+        if inputs.model.is_gguf_file or fmt.family == "gguf":
+            from mgpu.layers.quantization.gguf import FILE_TYPES
+
+            return (
+                f"the engine does not decode GGUF {fmt.name} files yet (it reads "
+                f"{', '.join(FILE_TYPES)})"
+            )
+        return (
+            f"the engine does not load {fmt.name} yet (mgpu serve --quantization does not offer it)"
+        )
     if inputs.strategy == EXPERT and "--enable-expert-parallel" not in _serve_options():
         return "the engine has no expert parallelism (mgpu serve has no --enable-expert-parallel)"
     kv = inputs.kv_cache_dtype

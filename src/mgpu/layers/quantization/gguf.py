@@ -43,6 +43,9 @@ FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 #: Block types mgpu decodes.
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K)
 SUPPORTED_TYPES = FLOAT_TYPES + BLOCK_TYPES
+#: llama.cpp file types (``general.file_type`` names, the planner's GGUF formats) whose tensors
+#: are all of the types above, so a file of that type loads whole.
+FILE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k")
 #: Block types converted exactly to int4 (the rest go to int8).
 INT4_TYPES = (T.Q4_0, T.Q4_K)
 #: Bits per weight of each type, including its scales (for reports).
