@@ -2,8 +2,11 @@
 
 Under ``accelerate launch`` (or ``torchrun``) every process is already started and simply trains.
 Started plainly with ``--num_processes N`` (N > 1), the command hands itself to Accelerate's own
-launcher, ``accelerate launch --num_processes N [--cpu] -m mgpu.train ...``, and waits for it:
-Accelerate then starts the N processes and sets up their process group.
+launcher, ``accelerate launch --multi_gpu --num_processes N -m mgpu.train ...``, and waits for it:
+Accelerate starts the N processes and sets up their process group. ``--multi_gpu`` is the name of
+Accelerate's multi-process launcher; on a machine without CUDA the trainer asks Accelerate for CPU
+processes, which then join a gloo group. (Accelerate's own ``--cpu`` flag starts one process unless
+MPI is installed, so it is not used.)
 """
 
 from __future__ import annotations
@@ -49,8 +52,6 @@ def launch_command(args: TrainArgs) -> list[str]:
         "--dynamo_backend",
         "no",
     ]
-    if not torch.cuda.is_available():
-        cmd.append("--cpu")
     return [*cmd, "-m", "mgpu.train", *args.to_argv(skip=("num_processes",))]
 
 
