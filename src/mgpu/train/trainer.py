@@ -162,6 +162,9 @@ def train(args: TrainArgs) -> TrainResult:
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         collate_fn=collate,
+        # Its own generator: starting an epoch must not draw from the global RNG that dropout
+        # uses, or a resumed run (which starts its epoch afresh) would drop different units.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate
