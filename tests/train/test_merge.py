@@ -34,13 +34,9 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "out"
 
 
-@pytest.fixture(scope="module")
-def peft_greedy(adapter: Path) -> list[list[int]]:
-    """Greedy continuations from peft over transformers: the reference."""
+def greedy(model: torch.nn.Module) -> list[list[int]]:
+    """Greedy continuations of :data:`PROMPTS` by a transformers (or peft) model."""
     tok = AutoTokenizer.from_pretrained(demo_model_path())
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(demo_model_path()), adapter
-    )
     model.eval()
     out = []
     for prompt in PROMPTS:
@@ -53,6 +49,13 @@ def peft_greedy(adapter: Path) -> list[list[int]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def peft_greedy(adapter: Path) -> list[list[int]]:
+    """Greedy continuations from peft over transformers: the reference."""
+    base = AutoModelForCausalLM.from_pretrained(demo_model_path())
+    return greedy(PeftModel.from_pretrained(base, adapter))
+
+
 def test_adapter_loads_in_peft(adapter: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(demo_model_path())
     model = PeftModel.from_pretrained(base, adapter)
@@ -61,6 +64,11 @@ def test_adapter_loads_in_peft(adapter: Path) -> None:
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved)
     assert any(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
+def test_adapter_changes_the_text(peft_greedy: list[list[int]]) -> None:
+    base = AutoModelForCausalLM.from_pretrained(demo_model_path())
+    assert greedy(base) != peft_greedy
 
 
 @pytest.mark.parametrize("tp", [1, 2])
