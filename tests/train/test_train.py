@@ -35,7 +35,8 @@ def quick(dataset: Path, out: Path, **overrides: object) -> TrainArgs:
 
 def test_one_process_lowers_loss_and_writes_a_peft_adapter(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", records(8))
-    result = train(quick(data, tmp_path / "out", eval_dataset_path=str(data)))
+    args = quick(data, tmp_path / "out", eval_dataset_path=str(data), report_to="tensorboard")
+    result = train(args)
     assert result.global_step == 4
     assert result.losses[-1] < result.losses[0]
     assert result.eval_loss is not None
@@ -43,6 +44,24 @@ def test_one_process_lowers_loss_and_writes_a_peft_adapter(tmp_path: Path) -> No
     assert (out / "adapter_config.json").is_file()
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / SUMMARY_FILE).read_text())["effective_batch"] == 4
+    assert logged_scalars(out / "runs") >= {
+        "train/loss",
+        "train/learning_rate",
+        "tokens_per_s/process_0",
+        "eval/loss",
+    }
+
+
+def logged_scalars(logdir: Path) -> set[str]:
+    """The scalar tags of every TensorBoard event file under ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in logdir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
 
 
 def test_two_processes_share_batches_and_stay_in_step(tmp_path: Path) -> None:
