@@ -52,6 +52,10 @@ def launch_command(args: TrainArgs) -> list[str]:
         "--dynamo_backend",
         "no",
     ]
+    if not torch.cuda.is_available():
+        # CPU processes split the cores between them (Accelerate's default is one thread each).
+        threads = max(1, (os.cpu_count() or 1) // args.num_processes)
+        cmd += ["--num_cpu_threads_per_process", str(threads)]
     return [*cmd, "-m", "mgpu.train", *args.to_argv(skip=("num_processes",))]
 
 
