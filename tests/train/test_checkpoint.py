@@ -81,3 +81,13 @@ def test_killed_run_resumes_to_the_uninterrupted_loss(tmp_path: Path) -> None:
     resumed = train(quick(data, out, resume_from_checkpoint="latest", **settings))
     assert resumed.global_step == 8
     assert resumed.losses == pytest.approx(reference.losses, abs=1e-3)
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", records(4))
+    out = tmp_path / "out"
+    checkpoint_dir(out, 2).mkdir(parents=True)
+    state = {"global_step": 2, "epoch": 0, "micro_step": 2, "num_processes": 2, "losses": []}
+    (checkpoint_dir(out, 2) / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(MgpuError, match="resume it with --num_processes 2"):
+        train(quick(data, out, resume_from_checkpoint="latest"))

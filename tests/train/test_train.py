@@ -129,3 +129,18 @@ def test_bad_flags_are_refused() -> None:
         TrainArgs(dataset_path="d.jsonl", lora_r=0)
     with pytest.raises(MgpuError, match="--dataset_path is required"):
         TrainArgs()
+
+
+def test_the_planners_train_command_is_accepted() -> None:
+    import shlex
+
+    from mgpu.cli import build_parser
+    from mgpu.planner.train import plan_lora
+    from mgpu.train.args import args_from_namespace
+
+    command = plan_lora("Llama-3.1-8B", "2x4090", dataset_tokens=1_000_000).command
+    argv = shlex.split(command)
+    assert argv[:2] == ["mgpu", "train"]
+    args = args_from_namespace(build_parser().parse_args(argv[1:]))
+    assert args.dataset_path == "data.jsonl"
+    assert args.model_name

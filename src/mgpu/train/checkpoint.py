@@ -111,7 +111,7 @@ def check_output_dir(output_dir: Path, needed_bytes: int) -> None:
     """
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".mgpu-write-test"
+        probe = output_dir / f".mgpu-write-test-{os.getpid()}"  # one per process: they race
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:

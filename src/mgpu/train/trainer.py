@@ -14,8 +14,10 @@ to zero; gradients are clipped to norm 1.0 (the ``transformers.Trainer`` default
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mgpu.errors import ConfigError, MgpuError
 from mgpu.train.args import TrainArgs
 from mgpu.train.checkpoint import (
     check_output_dir,
@@ -147,8 +150,6 @@ def train(args: TrainArgs) -> TrainResult:
     try:
         model = get_peft_model(model, lora)
     except ValueError as exc:
-        from mgpu.errors import ConfigError
-
         raise ConfigError(f"--target_modules {args.target_modules}: {exc}") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Adapter + two AdamW moments in float32, in a checkpoint and its temp copy, plus slack.
@@ -207,8 +208,13 @@ def train(args: TrainArgs) -> TrainResult:
 
     global_step, start_epoch, skip, losses = 0, 0, 0, []
     if resume is not None:
-        accelerator.load_state(str(resume))
         state = read_state(resume)
+        if state["num_processes"] != accelerator.num_processes:
+            raise MgpuError(
+                f"{resume} was written by {state['num_processes']} process(es); resume it with "
+                f"--num_processes {state['num_processes']} (the data position is per process)"
+            )
+        accelerator.load_state(str(resume))
         global_step, start_epoch, skip = state["global_step"], state["epoch"], state["micro_step"]
         losses = list(state["losses"])
 
@@ -227,11 +233,21 @@ def train(args: TrainArgs) -> TrainResult:
 
     def save(step: int, epoch: int, micro: int) -> None:
         tmp = temp_dir(output_dir, step)
+        if main and tmp.exists():  # left by a crash mid-write
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main:
             write_state(
-                tmp, {"global_step": step, "epoch": epoch, "micro_step": micro, "losses": losses}
+                tmp,
+                {
+                    "global_step": step,
+                    "epoch": epoch,
+                    "micro_step": micro,
+                    "num_processes": n,
+                    "losses": losses,
+                },
             )
             publish(tmp, checkpoint_dir(output_dir, step))
         accelerator.wait_for_everyone()
@@ -317,7 +333,7 @@ def train(args: TrainArgs) -> TrainResult:
     )
     if main:
         summary = {
-            **result.__dict__,
+            **dataclasses.asdict(result),
             "effective_batch": effective,
             "num_processes": n,
             "first_step_samples": first_samples,
