@@ -54,6 +54,18 @@ def dataset(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", records(16))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """In-process training on one torch thread: on a loaded machine, several are much slower
+    (see docs/benchmarks.md, training speed)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state() -> Iterator[None]:
     """Accelerate keeps process-wide singletons; each in-process run starts from none."""
