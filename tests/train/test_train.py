@@ -144,3 +144,21 @@ def test_the_planners_train_command_is_accepted() -> None:
     args = args_from_namespace(build_parser().parse_args(argv[1:]))
     assert args.dataset_path == "data.jsonl"
     assert args.model_name
+
+
+def test_bf16_autocast_with_gradient_accumulation(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", records(8))
+    args = quick(
+        data,
+        tmp_path / "out",
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        mixed_precision="bf16",
+    )
+    result = train(args)
+    assert result.global_step == 2
+    summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert summary["effective_batch"] == 4
+    assert len(summary["first_step_samples"][0]) == 4  # both micro-batches of the first step
+    assert all(loss == loss for loss in result.losses)  # no NaN
