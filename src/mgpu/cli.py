@@ -103,6 +103,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_plan)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from mgpu.train.launch import add_train_parser
+    from mgpu.train.merge import add_merge_parser
+
+    add_train_parser(sub)
+    add_merge_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mgpu`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_chat(sub)
     _add_plan(sub)
+    _add_train(sub)
     return parser
 
 
