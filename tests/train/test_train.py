@@ -144,6 +144,7 @@ def test_the_planners_train_command_is_accepted() -> None:
     args = args_from_namespace(build_parser().parse_args(argv[1:]))
     assert args.dataset_path == "data.jsonl"
     assert args.model_name
+    assert args.num_processes == 2  # one process per GPU of the plan
 
 
 def test_bf16_autocast_with_gradient_accumulation(tmp_path: Path) -> None:

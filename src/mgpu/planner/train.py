@@ -389,6 +389,8 @@ def plan_lora(
         "--dataset_path data.jsonl --output_dir ./lora-out --num_train_epochs 1 "
         f"--per_device_train_batch_size {micro_batch_size} --gradient_accumulation_steps "
         f"{max(1, math.ceil(16 / (micro_batch_size * len(devices))))}"
+        # One process per GPU: without it the run would train on one device.
+        + (f" --num_processes {len(devices)}" if len(devices) > 1 else "")
     )
     return TrainPlan(
         model=spec.name,
