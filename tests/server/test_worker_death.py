@@ -76,7 +76,7 @@ def test_killed_worker_fails_requests_and_health(doomed_server: ServerProcess) -
     assert response.status_code == 503
     assert response.json()["status"] == "unhealthy" and response.json()["error"]
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'mgpu_engine_healthy{model_name="tiny-llama"} 0' in metrics
+    assert 'mgpu_engine_healthy{model_name="tiny-llama"} 0.0' in metrics
     with pytest.raises(openai.InternalServerError) as refused:
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=2)
     assert refused.value.status_code == 503
