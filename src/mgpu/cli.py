@@ -103,6 +103,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_plan)
 
 
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    from mgpu.monitor.view import add_monitor_arguments, run_monitor
+
+    p = sub.add_parser("monitor", help="live per-device and per-rank view of a server")
+    add_monitor_arguments(p)
+    p.set_defaults(handler=run_monitor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mgpu`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_chat(sub)
     _add_plan(sub)
+    _add_monitor(sub)
     return parser
 
 
