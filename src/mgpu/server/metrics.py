@@ -220,44 +220,34 @@ class _EngineCollector(Collector):
         reports = {r.rank: r.device for r in engine.executor.reports}
         labels = ["model_name", "device", "rank"]
 
-        def family(kind: type, metric: str, help_: str) -> GaugeMetricFamily:
-            return kind(metric, help_, labels=labels)
+        def family(metric: str, help_: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(metric, help_, labels=labels)
 
         gauges = {
             "utilization": family(
-                GaugeMetricFamily,
                 "mgpu_device_utilization_ratio",
                 "Busy share of the rank's device (0..1; CPU: of the worker's pinned cores).",
             ),
             "memory_used_bytes": family(
-                GaugeMetricFamily,
                 "mgpu_device_memory_used_bytes",
                 "Device memory in use (CPU: the worker's resident set).",
             ),
             "memory_total_bytes": family(
-                GaugeMetricFamily,
                 "mgpu_device_memory_total_bytes",
                 "Device memory in all (CPU: the host's).",
             ),
-            "temperature_celsius": family(
-                GaugeMetricFamily, "mgpu_device_temperature_celsius", "Device temperature."
-            ),
-            "power_watts": family(GaugeMetricFamily, "mgpu_device_power_watts", "Power draw."),
-            "sm_clock_mhz": family(
-                GaugeMetricFamily, "mgpu_device_sm_clock_hertz", "Current SM clock (NVML)."
-            ),
+            "temperature_celsius": family("mgpu_device_temperature_celsius", "Device temperature."),
+            "power_watts": family("mgpu_device_power_watts", "Power draw."),
+            "sm_clock_mhz": family("mgpu_device_sm_clock_hertz", "Current SM clock (NVML)."),
             "throttle_reasons": family(
-                GaugeMetricFamily,
                 "mgpu_device_clock_throttle_reasons",
                 "NVML bit mask of active clock throttle reasons (0: none).",
             ),
             "pcie_tx_bytes_per_s": family(
-                GaugeMetricFamily,
                 "mgpu_device_pcie_tx_bytes_per_second",
                 "PCIe transmit throughput (NVML).",
             ),
             "pcie_rx_bytes_per_s": family(
-                GaugeMetricFamily,
                 "mgpu_device_pcie_rx_bytes_per_second",
                 "PCIe receive throughput (NVML).",
             ),
