@@ -88,7 +88,7 @@ def test_config_flags_come_from_the_dataclass() -> None:
     args = parser.parse_args(["--telemetry-interval", "0.5", "--imbalance-threshold", "1.5"])
     config = MonitorConfig.from_cli_args(args)
     assert config == MonitorConfig(telemetry_interval_s=0.5, imbalance_threshold=1.5)
-    assert "slowest rank" in parser.format_help()
+    assert "slowest rank" in parser.format_help() and "(default: 1.25)" in parser.format_help()
     with pytest.raises(ValueError, match="telemetry_interval_s"):
         MonitorConfig(telemetry_interval_s=0)
 

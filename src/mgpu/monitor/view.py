@@ -200,7 +200,9 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="a running mgpu server (default: this host)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     parser.add_argument("--once", action="store_true", help="show one snapshot and exit")
-    parser.add_argument("--json", action="store_true", help="print JSON (with --once)")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON snapshot (implies --once)"
+    )
 
 
 def run_monitor(args: argparse.Namespace) -> int:
@@ -212,7 +214,7 @@ def run_monitor(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise SystemExit("mgpu monitor: --interval must be positive")
     console = Console()
-    if args.once:
+    if args.once or args.json:
         snap = fetch(args.url)
         if args.json:
             print(json.dumps(snap.to_dict(), indent=2))

@@ -67,8 +67,14 @@ class MonitorConfig:
         g = parser.add_argument_group("monitoring")
         for f in dataclasses.fields(MonitorConfig):
             flag = "--" + f.name.removesuffix("_s").replace("_", "-")
+            metavar = "SECONDS" if f.name.endswith("_s") else "RATIO"
             g.add_argument(
-                flag, type=float, default=f.default, dest=f.name, help=_field_help(f.name)
+                flag,
+                type=float,
+                default=f.default,
+                dest=f.name,
+                metavar=metavar,
+                help=_field_help(f.name).rstrip(".") + " (default: %(default)s)",
             )
 
     @classmethod
