@@ -265,7 +265,7 @@ curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/
   Memory in use should match the plan's per-GPU total within about a GiB (the runtime overhead is
   an estimate); power draw under load should stay below the TDPs the PSU was sized for.
 * The server's Prometheus endpoint, `http://127.0.0.1:8000/metrics`, reports the engine's health,
-  running and waiting requests, KV-cache usage (`mgpu_kv_cache_usage_ratio`), pre-emptions, token
+  running and waiting requests, KV-cache usage (`mgpu_kv_cache_usage_perc`), pre-emptions, token
   counters and latency histograms. A KV-cache usage near 1 with rising pre-emptions means the
   concurrency or context is more than the plan allowed for: lower `--max-num-seqs`, or plan again
   with the real `--concurrency`.

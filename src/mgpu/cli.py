@@ -111,6 +111,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_merge_parser(sub)
 
 
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    from mgpu.monitor.view import add_monitor_arguments, run_monitor
+
+    p = sub.add_parser("monitor", help="live per-device and per-rank view of a server")
+    add_monitor_arguments(p)
+    p.set_defaults(handler=run_monitor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mgpu`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_plan(sub)
     _add_train(sub)
+    _add_monitor(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mgpu.errors import ConfigError
+from mgpu.monitor.watch import MonitorConfig
 
 #: Environment variable read when ``--api-key`` is not given.
 API_KEY_ENV = "MGPU_API_KEY"
@@ -86,6 +87,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="debug, info, warning, error (info also logs each HTTP request)",
     )
+    MonitorConfig.add_arguments(parser)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -129,6 +131,7 @@ def run_server(args: argparse.Namespace) -> int:
             api_key=args.api_key or None,
             max_request_bytes=args.max_request_bytes,
             max_n=args.max_n,
+            monitor=MonitorConfig.from_cli_args(args),
         )
     except ValueError as exc:
         engine.shutdown()

@@ -81,7 +81,8 @@ class ServerProcess:
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 series, value = line.rsplit(" ", 1)
-                name = re.sub(r'\{model_name="[^"]*",?', "{", series).replace("{}", "")
+                name = re.sub(r'model_name="[^"]*",?', "", series).replace(",}", "}")
+                name = name.replace("{}", "")
                 values[name] = float(value)
         return values
 

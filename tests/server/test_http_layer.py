@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from mgpu.server.app import ServerConfig
 from mgpu.server.errors import install_error_handlers, validation_error
-from mgpu.server.metrics import Histogram
 
 
 def test_unexpected_exception_is_a_500_without_details(caplog: pytest.LogCaptureFixture) -> None:
@@ -92,17 +91,3 @@ def test_server_config_is_validated() -> None:
         ServerConfig("m", api_key="")
     with pytest.raises(ValueError, match="served_model_name"):
         ServerConfig("")
-
-
-def test_histogram_is_cumulative() -> None:
-    hist = Histogram(buckets=(0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 3.0):
-        hist.observe(value)
-    lines = hist.lines("x_seconds", 'model_name="m"')
-    assert lines == [
-        'x_seconds_bucket{model_name="m",le="0.1"} 2',
-        'x_seconds_bucket{model_name="m",le="1.0"} 3',
-        'x_seconds_bucket{model_name="m",le="+Inf"} 4',
-        'x_seconds_sum{model_name="m"} 3.65',
-        'x_seconds_count{model_name="m"} 4',
-    ]

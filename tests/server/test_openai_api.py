@@ -245,7 +245,7 @@ def test_disconnect_mid_stream_frees_blocks(server_tp2: ServerProcess) -> None:
     # The client has gone: the request is aborted and its blocks return to the pool.
     end = server_tp2.wait_idle(timeout=15)
     assert end["mgpu_kv_cache_free_blocks"] == start["mgpu_kv_cache_free_blocks"]
-    aborted = 'mgpu_requests_finished_total{finish_reason="abort"}'
+    aborted = 'mgpu_request_success_total{finished_reason="abort"}'
     assert end[aborted] == start.get(aborted, 0) + 1
     generated = end["mgpu_generation_tokens_total"] - start["mgpu_generation_tokens_total"]
     assert 3 <= generated < LONG_MODEL_LEN - 64
@@ -383,17 +383,17 @@ def test_metrics_exposition(server_tp1: ServerProcess) -> None:
     text = httpx.get(f"{server_tp1.url}/metrics", timeout=30).text
     types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
     assert types["mgpu_num_preemptions_total"] == "counter"
-    assert types["mgpu_kv_cache_usage_ratio"] == "gauge"
+    assert types["mgpu_kv_cache_usage_perc"] == "gauge"
     assert types["mgpu_time_to_first_token_seconds"] == "histogram"
-    assert types["mgpu_request_latency_seconds"] == "histogram"
+    assert types["mgpu_e2e_request_latency_seconds"] == "histogram"
     for name, kind in types.items():
         assert name.startswith("mgpu_")
         assert name.endswith("_total") == (kind == "counter")
     m = server_tp1.metrics()
     buckets = [v for k, v in m.items() if k.startswith("mgpu_time_to_first_token_seconds_bucket")]
     assert buckets == sorted(buckets) and buckets[-1] == m["mgpu_time_to_first_token_seconds_count"]
-    assert m['mgpu_request_latency_seconds_bucket{le="+Inf"}'] >= 1
-    assert 0 <= m["mgpu_kv_cache_usage_ratio"] <= 1
+    assert m['mgpu_e2e_request_latency_seconds_bucket{le="+Inf"}'] >= 1
+    assert 0 <= m["mgpu_kv_cache_usage_perc"] <= 1
 
 
 def test_server_keeps_serving(server_tp1: ServerProcess) -> None:

@@ -2,7 +2,8 @@
 
 Only the row-parallel linear, the vocab-parallel embedding, the LM head and the pipeline hand-off
 call
-these. Each is a no-op when its group has one rank.
+these. Each is a no-op when its group has one rank. Each one that moves data is timed by this
+rank's :data:`~mgpu.monitor.timing.TIMER` (a clock read on either side).
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ import torch
 import torch.distributed as dist
 
 from mgpu.distributed import parallel_state as ps
+from mgpu.monitor.timing import TIMER
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the tensor-parallel group, in place."""
     if ps.get_tp_size() == 1:
         return x
-    shm = ps.get_tp_shm()
-    if shm is not None and shm.fits(x):
-        return shm.all_reduce(x)
-    dist.all_reduce(x, group=ps.get_tp_group())
-    return x
+    with TIMER.collective():
+        shm = ps.get_tp_shm()
+        if shm is not None and shm.fits(x):
+            return shm.all_reduce(x)
+        dist.all_reduce(x, group=ps.get_tp_group())
+        return x
 
 
 def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
@@ -34,12 +37,13 @@ def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
     if tp == 1:
         return x
     x = x.contiguous()
-    shm = ps.get_tp_shm()
-    if shm is not None and shm.fits(x):
-        return shm.gather_last_dim(x)
-    is_dst = ps.get_tp_rank() == 0
-    parts = [torch.empty_like(x) for _ in range(tp)] if is_dst else None
-    dist.gather(x, parts, dst=ps.tp_first_rank(), group=ps.get_tp_group())
+    with TIMER.collective():
+        shm = ps.get_tp_shm()
+        if shm is not None and shm.fits(x):
+            return shm.gather_last_dim(x)
+        is_dst = ps.get_tp_rank() == 0
+        parts = [torch.empty_like(x) for _ in range(tp)] if is_dst else None
+        dist.gather(x, parts, dst=ps.tp_first_rank(), group=ps.get_tp_group())
     return torch.cat(parts, dim=-1) if parts is not None else None
 
 
@@ -55,5 +59,6 @@ def pp_send(x: torch.Tensor) -> dist.Work:
 def pp_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Receive a tensor of known shape from the previous pipeline stage, on the PP group."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(out, src=ps.pp_neighbour(-1), group=ps.get_pp_group())
+    with TIMER.collective():
+        dist.recv(out, src=ps.pp_neighbour(-1), group=ps.get_pp_group())
     return out

@@ -46,6 +46,7 @@ from mgpu.distributed.control import ControlPlane
 from mgpu.distributed.shm import ShmFiles, shm_collectives_supported
 from mgpu.engine.worker import ERRORS_KEY, SHUTDOWN_KEY, WorkerInit, launch
 from mgpu.errors import MgpuError, WorkerError
+from mgpu.monitor.timing import RankTiming
 
 logger = logging.getLogger("mgpu.executor")
 
@@ -365,6 +366,20 @@ class Executor:
                     f"worker rank {rank} (on another node) stopped its heartbeat "
                     f"{now - last[1]:.1f} s ago"
                 )
+
+    def rank_timings(self) -> dict[int, RankTiming]:
+        """Each rank's cumulative step timings, as its heartbeat last published them (ranks that
+        have not published yet are left out). Callable from any thread."""
+        out = {}
+        with self._store_lock:
+            if self._closed:
+                return out
+            for rank in range(self.world_size):
+                key = f"timing/{rank}"
+                with contextlib.suppress(Exception):
+                    if self._store.check([key]):
+                        out[rank] = RankTiming.decode(self._store.get(key))
+        return out
 
     def _fail(self, message: str, exc: BaseException | None = None) -> None:
         """Record the failure, stop every rank in the background, raise."""

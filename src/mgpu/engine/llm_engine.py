@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,9 @@ class LLMEngine:
         # Outputs of steps collected by _drain(), handed out by the next step().
         self._drained: list[RequestOutput] = []
         self.stats = EngineStats()
+        # Called (on the engine's thread) with each sequence's seconds from arrival to its first
+        # step: the metrics' queue-time histogram.
+        self.queue_time_listeners: list[Callable[[float], None]] = []
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -511,8 +514,18 @@ class LLMEngine:
                 if seq.seq_id not in self._registered:
                     self._registered.add(seq.seq_id)
                     step.new_seqs[seq.seq_id] = seq.params
+                    self._first_scheduled(seq)
             self.executor.submit("execute", step)
             self._in_flight.append(plan.scheduled)
+
+    def _first_scheduled(self, seq: Sequence) -> None:
+        """Tell the queue-time listeners how long ``seq`` waited for its first step."""
+        req = self._requests.get(seq.request_id)
+        if req is None or not self.queue_time_listeners:
+            return
+        waited = max(0.0, time.time() - req.arrival_time)
+        for listener in self.queue_time_listeners:
+            listener(waited)
 
     def _advance(
         self, scheduled: list[ScheduledSeq], results: list[SampleResult]

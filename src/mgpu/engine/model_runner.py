@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,12 @@ from mgpu.layers.quantization import quant_config_for, quantization_scope
 from mgpu.memory import kv_bytes_per_token
 from mgpu.models.loader import load_weights
 from mgpu.models.registry import model_class
+from mgpu.monitor.timing import TIMER
 from mgpu.sampling import Sampler, SampleResult
+
+#: Test-only setting ``RANK:SECONDS``: that rank sleeps this long in every step, which makes the
+#: layout uneven on purpose (the monitor's imbalance tests).
+SLOW_RANK_ENV = "MGPU_TEST_SLOW_RANK"
 
 # Memory the runtime itself needs beyond tensors we can count (allocator slack, CUDA context,
 # gloo/NCCL buffers), kept out of the KV budget.
@@ -103,6 +109,8 @@ class ModelRunner:
         self.sampler = Sampler(model_config.vocab_size, device) if self.is_output_rank else None
         # Sends of hidden states to the next stage still in progress, with the tensors they read.
         self._sends: list[tuple[torch.distributed.Work, torch.Tensor]] = []
+        TIMER.use_cuda(device.type == "cuda")
+        self._slow_s = _test_slow_seconds(rank)
 
     # ---- memory -------------------------------------------------------------------------------
 
@@ -256,13 +264,23 @@ class ModelRunner:
 
     def finish_sends(self) -> None:
         """Wait for the previous step's hand-offs to the next stage (they are usually done)."""
-        for work, _ in self._sends:
-            work.wait()
+        with TIMER.collective():
+            for work, _ in self._sends:
+                work.wait()
         self._sends = []
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[SampleResult] | None:
         """Run one step; the output rank returns a token for every chunk that samples."""
+        TIMER.begin_step()
+        try:
+            if self._slow_s:
+                time.sleep(self._slow_s)
+            return self._execute(step)
+        finally:
+            TIMER.end_step()
+
+    def _execute(self, step: StepInput) -> list[SampleResult] | None:
         if self.sampler is not None:
             for seq_id in step.finished_seqs:
                 self.sampler.remove(seq_id)
@@ -302,3 +320,12 @@ class ModelRunner:
             return None
         logits = self.model.compute_logits(hidden)
         return None if logits is None else logits.cpu()
+
+
+def _test_slow_seconds(rank: int) -> float:
+    """Seconds of :data:`SLOW_RANK_ENV` for ``rank`` (0 when unset or for another rank)."""
+    value = os.environ.get(SLOW_RANK_ENV, "")
+    if not value:
+        return 0.0
+    slow_rank, _, seconds = value.partition(":")
+    return float(seconds) if int(slow_rank) == rank else 0.0

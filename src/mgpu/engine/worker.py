@@ -129,13 +129,17 @@ def _die_with_parent(parent_pid: int, spawned_by_main_thread: bool) -> None:
 
 
 def _heartbeat(host: str, port: int, rank: int) -> None:
-    """Bump this rank's heartbeat; exit when the engine says so or its store is gone."""
+    """Bump this rank's heartbeat and publish its step timings (``timing/<rank>``, read by the
+    monitor); exit when the engine says so or its store is gone."""
     import torch.distributed as dist
+
+    from mgpu.monitor.timing import TIMER
 
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
         while True:
             store.add(f"heartbeat/{rank}", 1)
+            store.set(f"timing/{rank}", TIMER.snapshot().encode())
             if store.check([SHUTDOWN_KEY]):
                 os._exit(0)
             time.sleep(HEARTBEAT_S)

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mgpu import __version__
 from mgpu.engine.llm_engine import CompletionOutput, PromptError, RequestOutput, render_chat
+from mgpu.monitor.watch import MonitorConfig
 from mgpu.sampling import SampleResult, SamplingParams, SamplingParamsError
 from mgpu.server import engine_routes
 from mgpu.server.async_engine import (
@@ -73,6 +74,7 @@ class ServerConfig:
             ``/version`` and ``/metrics`` stay open.
         max_request_bytes: largest request body accepted (413 above it).
         max_n: most completions one request may ask for (``n`` and ``best_of``; 400 above it).
+        monitor: device sampling and imbalance warning settings of ``/metrics``.
     """
 
     served_model_name: str
@@ -80,6 +82,7 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 1 << 20
     max_n: int = 16
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -106,12 +109,21 @@ class _Timer:
         self.arrival = time.monotonic()
         self.has_first_token = False
         self.finish_reason = "abort"
+        self.num_tokens = 0
+        self.last_token = self.arrival
 
     def saw(self, out: RequestOutput) -> None:
-        """Note an output: the first one carrying a token sets the time to first token."""
-        if not self.has_first_token and any(c.token_ids for c in out.outputs):
-            self.has_first_token = True
-            self.metrics.record_first_token(time.monotonic() - self.arrival)
+        """Note an output: the first one carrying a token sets the time to first token, later
+        ones the inter-token latency."""
+        num_tokens = sum(len(c.token_ids) for c in out.outputs)
+        if num_tokens > self.num_tokens:
+            now = time.monotonic()
+            if not self.has_first_token:
+                self.has_first_token = True
+                self.metrics.record_first_token(now - self.arrival)
+            else:
+                self.metrics.record_inter_token(now - self.last_token, num_tokens - self.num_tokens)
+            self.num_tokens, self.last_token = num_tokens, now
         if out.finished:
             self.finish_reason = out.outputs[-1].finish_reason or "stop"
 
@@ -180,14 +192,15 @@ class OpenAIServing:
         self._encoder = copy.deepcopy(engine.engine.tokenizer)
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="mgpu-tokenize")
         self.max_model_len = engine.engine.scheduler_config.max_model_len
-        self.metrics = Metrics(engine.engine, config.served_model_name)
+        self.metrics = Metrics(engine.engine, config.served_model_name, config.monitor)
         self._token_text: dict[int, str] = {}
         #: Set when the server starts shutting down: new requests get 503 from then on.
         self.draining = False
 
     def close(self) -> None:
-        """Stop the tokenizer thread."""
+        """Stop the tokenizer and monitor threads."""
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
 
     # ---- shared checks ------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages is not None:
         ids = await serving._in_thread(serving._apply_chat_template, body.messages)
     else:
-        tokenizer = engine.tokenizer
+        tokenizer = serving._encoder  # the tokenize thread's own copy (one owner per tokenizer)
         ids = await serving._in_thread(
             lambda: list(
                 tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
@@ -83,7 +83,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
         raise APIError(
             400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens"
         )
-    text = await serving._in_thread(engine.tokenizer.decode, body.tokens)
+    text = await serving._in_thread(serving._encoder.decode, body.tokens)
     return DetokenizeResponse(prompt=text)
 
 

@@ -1,68 +1,54 @@
-"""Prometheus metrics of one server, in the text exposition format (version 0.0.4).
+"""Prometheus metrics of one server, through ``prometheus_client``.
 
-Names follow Prometheus conventions: the ``mgpu_`` prefix, base units (seconds, a 0..1 ratio),
-``_total`` on counters, histograms for latencies. Gauges and the engine's own counters are read
-from the engine when scraped; latencies are recorded by the HTTP handlers. Each app owns its
-:class:`Metrics`, so two servers in one process never mix their series.
+Request metrics take the names vLLM gives them, under the ``mgpu_`` prefix (``vllm:x`` becomes
+``mgpu_x``; the table is in ``docs/serving.md``), so a vLLM dashboard ports by renaming the
+prefix. Per-device series carry ``device`` and ``rank`` labels; ``mgpu_device_imbalance_ratio``
+and ``mgpu_communication_fraction`` come from the ranks' own step timings
+(:mod:`mgpu.monitor.timing`). Base units (seconds, bytes, a 0..1 ratio), ``_total`` on counters,
+histograms for latencies.
+
+Gauges and the engine's counters are read when scraped; latencies are recorded by the HTTP
+handlers and the engine; device and rank series come from the server's
+:class:`~mgpu.monitor.watch.EngineMonitor`, which samples in the background. Each app owns its
+:class:`Metrics` and its registry, so two servers in one process never mix their series.
 
 Example scrape (abridged)::
 
-    # HELP mgpu_num_requests_running Sequences in the running batch (a request with n > 1 counts n).
-    # TYPE mgpu_num_requests_running gauge
-    mgpu_num_requests_running{model_name="demo"} 3
-    # TYPE mgpu_time_to_first_token_seconds histogram
-    mgpu_time_to_first_token_seconds_bucket{model_name="demo",le="0.05"} 12
-    ...
+    mgpu_num_requests_running{model_name="demo"} 3.0
+    mgpu_time_to_first_token_seconds_bucket{le="0.05",model_name="demo"} 12.0
+    mgpu_device_memory_used_bytes{device="cuda:1",model_name="demo",rank="1"} 3.1e+09
+    mgpu_device_imbalance_ratio{model_name="demo"} 1.04
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import threading
-from collections import Counter
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Iterator
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mgpu.engine.llm_engine import LLMEngine
+from mgpu.monitor.telemetry import DeviceSampler
+from mgpu.monitor.watch import EngineMonitor, MonitorConfig
+
+logger = logging.getLogger("mgpu.server")
+
+# ``_created`` series double every counter and histogram and no dashboard reads them.
+prometheus_client.disable_created_metrics()
 
 #: Bucket upper bounds (seconds) of the latency histograms: 5 ms to 10 minutes.
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0,
     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
 )  # fmt: skip
-
-
-@dataclass
-class Histogram:
-    """A cumulative histogram with fixed buckets.
-
-    Args:
-        buckets: increasing upper bounds; ``+Inf`` is implied.
-    """
-
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        """Record one observation."""
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.count += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        """Sample lines: cumulative ``_bucket`` series, then ``_sum`` and ``_count``."""
-        out, running = [], 0
-        for bound, n in zip((*self.buckets, math.inf), self.counts, strict=True):
-            running += n
-            out.append(f'{name}_bucket{{{labels},le="{_number(bound)}"}} {running}')
-        out.append(f"{name}_sum{{{labels}}} {_number(self.total)}")
-        out.append(f"{name}_count{{{labels}}} {self.count}")
-        return out
+#: Bucket upper bounds (seconds) of the inter-token latency: 1 ms to 80 s.
+INTER_TOKEN_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
 
 
 class Metrics:
@@ -71,124 +57,257 @@ class Metrics:
     Args:
         engine: the engine whose gauges and counters are read at scrape time.
         model_name: the ``model_name`` label of every series.
+        monitor_config: device sampling interval and imbalance thresholds.
     """
 
-    def __init__(self, engine: LLMEngine, model_name: str):
+    def __init__(
+        self, engine: LLMEngine, model_name: str, monitor_config: MonitorConfig | None = None
+    ):
         self.engine = engine
-        self.labels = f'model_name="{_escape(model_name)}"'
-        self.time_to_first_token = Histogram()
-        self.request_latency = Histogram()
-        self.finished: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        self.model_name = model_name
+        self.healthy = True
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def histogram(name: str, help_: str, buckets: tuple[float, ...]) -> Histogram:
+            metric = Histogram(name, help_, labels, buckets=buckets, registry=self.registry)
+            return metric.labels(model_name)
+
+        self.time_to_first_token = histogram(
+            "mgpu_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+            LATENCY_BUCKETS,
+        )
+        self.inter_token_latency = histogram(
+            "mgpu_inter_token_latency_seconds",
+            "Time between two generated tokens of one request.",
+            INTER_TOKEN_BUCKETS,
+        )
+        self.e2e_request_latency = histogram(
+            "mgpu_e2e_request_latency_seconds",
+            "Time from request arrival to its end.",
+            LATENCY_BUCKETS,
+        )
+        self.request_queue_time = histogram(
+            "mgpu_request_queue_time_seconds",
+            "Time a sequence waited from arrival to its first step.",
+            LATENCY_BUCKETS,
+        )
+        self.request_success = Counter(
+            "mgpu_request_success",
+            "Requests ended, by finish reason (stop, length, abort, error).",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
+        self.monitor = _start_monitor(engine, monitor_config or MonitorConfig())
+        self.registry.register(_EngineCollector(self))
+        engine.queue_time_listeners.append(self.request_queue_time.observe)
 
     def record_first_token(self, seconds: float) -> None:
         """A request produced its first token ``seconds`` after it arrived."""
-        with self._lock:
-            self.time_to_first_token.observe(seconds)
+        self.time_to_first_token.observe(seconds)
+
+    def record_inter_token(self, seconds: float, num_tokens: int = 1) -> None:
+        """``num_tokens`` tokens of one request arrived ``seconds`` after its previous ones."""
+        for _ in range(num_tokens):
+            self.inter_token_latency.observe(seconds / num_tokens)
 
     def record_finished(self, seconds: float, finish_reason: str) -> None:
         """A request ended (``stop``, ``length``, ``abort`` or ``error``) after ``seconds``."""
-        with self._lock:
-            self.request_latency.observe(seconds)
-            self.finished[finish_reason] += 1
+        self.e2e_request_latency.observe(seconds)
+        self.request_success.labels(self.model_name, finish_reason).inc()
 
     def render(self, healthy: bool) -> str:
-        """The whole scrape body.
+        """The whole scrape body (text format 0.0.4).
 
         Args:
             healthy: whether the engine and all its workers are up.
         """
-        engine, labels = self.engine, self.labels
-        blocks = engine.block_manager
-        stats = engine.stats
-        out: list[str] = []
+        self.healthy = healthy
+        return generate_latest(self.registry).decode()
 
-        def metric(name: str, kind: str, help_: str, value: float) -> None:
-            out.extend(
-                [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {value}"]
-            )
+    def close(self) -> None:
+        """Stop the monitor thread."""
+        self.monitor.stop()
 
-        metric("mgpu_engine_healthy", "gauge", "1 while every worker is alive.", int(healthy))
-        metric(
+
+def _start_monitor(engine: LLMEngine, config: MonitorConfig) -> EngineMonitor:
+    """The engine's monitor, sampling the local ranks' devices, started."""
+    executor = engine.executor
+    pids = {rank: proc.pid for rank, proc in zip(executor.local.ranks, executor.procs, strict=True)}
+    cuda_count = 1
+    if engine.device == "cuda":
+        import torch
+
+        cuda_count = torch.cuda.device_count()
+    sampler = DeviceSampler(engine.device, pids, config.telemetry_interval_s, cuda_count)
+    parallel = engine.parallel_config
+    monitor = EngineMonitor(
+        config,
+        executor.rank_timings,
+        sampler,
+        parallel.tensor_parallel_size,
+        parallel.pipeline_parallel_size,
+    )
+    monitor.update()
+    monitor.start()
+    return monitor
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's gauges and counters and the monitor's state at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        engine, name = m.engine, m.model_name
+        blocks, stats = engine.block_manager, engine.stats
+
+        def gauge(metric: str, help_: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(metric, help_, labels=["model_name"])
+            family.add_metric([name], value)
+            return family
+
+        def counter(metric: str, help_: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(metric, help_, labels=["model_name"])
+            family.add_metric([name], value)
+            return family
+
+        yield gauge("mgpu_engine_healthy", "1 while every worker is alive.", int(m.healthy))
+        yield gauge(
             "mgpu_num_requests_running",
-            "gauge",
             "Sequences in the running batch (a request with n > 1 counts n).",
             len(engine.scheduler.running),
         )
-        metric(
+        yield gauge(
             "mgpu_num_requests_waiting",
-            "gauge",
             "Sequences queued for admission (new or pre-empted).",
             len(engine.scheduler.waiting),
         )
-        metric(
-            "mgpu_kv_cache_usage_ratio",
-            "gauge",
-            "Fraction of KV-cache blocks in use (0..1).",
-            _number(blocks.usage),
+        yield gauge(
+            "mgpu_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", blocks.usage
         )
-        metric(
+        yield gauge(
             "mgpu_kv_cache_free_blocks",
-            "gauge",
             "KV-cache blocks held by no sequence.",
             blocks.num_free_blocks,
         )
-        metric("mgpu_kv_cache_blocks", "gauge", "KV-cache blocks in all.", blocks.num_blocks)
-        metric(
-            "mgpu_num_preemptions_total",
-            "counter",
+        yield gauge("mgpu_kv_cache_blocks", "KV-cache blocks in all.", blocks.num_blocks)
+        yield counter(
+            "mgpu_num_preemptions",
             "Sequences pre-empted (blocks freed, recomputed later) for lack of KV cache.",
             stats.num_preemptions,
         )
-        metric(
-            "mgpu_prompt_tokens_total",
-            "counter",
+        yield counter(
+            "mgpu_prompt_tokens",
             "Prompt tokens prefilled, each counted once.",
             stats.prompt_tokens_total,
         )
-        metric(
-            "mgpu_recomputed_tokens_total",
-            "counter",
+        yield counter(
+            "mgpu_recomputed_tokens",
             "Tokens prefilled again to resume pre-empted sequences.",
             stats.recomputed_tokens_total,
         )
-        metric(
-            "mgpu_generation_tokens_total",
-            "counter",
-            "Tokens generated.",
-            stats.generation_tokens_total,
+        yield counter("mgpu_generation_tokens", "Tokens generated.", stats.generation_tokens_total)
+        yield from self._devices()
+
+    def _devices(self) -> Iterator[Metric]:
+        m = self.metrics
+        engine, name = m.engine, m.model_name
+        state = m.monitor.state
+        reports = {r.rank: r.device for r in engine.executor.reports}
+        labels = ["model_name", "device", "rank"]
+
+        def family(metric: str, help_: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(metric, help_, labels=labels)
+
+        gauges = {
+            "utilization": family(
+                "mgpu_device_utilization_ratio",
+                "Busy share of the rank's device (0..1; CPU: of the worker's pinned cores).",
+            ),
+            "memory_used_bytes": family(
+                "mgpu_device_memory_used_bytes",
+                "Device memory in use (CPU: the worker's resident set).",
+            ),
+            "memory_total_bytes": family(
+                "mgpu_device_memory_total_bytes",
+                "Device memory in all (CPU: the host's).",
+            ),
+            "temperature_celsius": family("mgpu_device_temperature_celsius", "Device temperature."),
+            "power_watts": family("mgpu_device_power_watts", "Power draw."),
+            "sm_clock_mhz": family("mgpu_device_sm_clock_hertz", "Current SM clock (NVML)."),
+            "throttle_reasons": family(
+                "mgpu_device_clock_throttle_reasons",
+                "NVML bit mask of active clock throttle reasons (0: none).",
+            ),
+            "pcie_tx_bytes_per_s": family(
+                "mgpu_device_pcie_tx_bytes_per_second",
+                "PCIe transmit throughput (NVML).",
+            ),
+            "pcie_rx_bytes_per_s": family(
+                "mgpu_device_pcie_rx_bytes_per_second",
+                "PCIe receive throughput (NVML).",
+            ),
+        }
+        for sample in state.devices:
+            values = sample.to_dict()
+            key = [name, reports.get(sample.rank, sample.device), str(sample.rank)]
+            for field_name, fam in gauges.items():
+                value = values[field_name]
+                if value is not None:
+                    scale = 1e6 if field_name == "sm_clock_mhz" else 1.0
+                    fam.add_metric(key, float(value) * scale)
+        yield from gauges.values()
+
+        up = GaugeMetricFamily(
+            "mgpu_rank_up", "1 while the rank's worker runs (0: down).", labels=labels
         )
-        with self._lock:
-            name = "mgpu_requests_finished_total"
-            out.append(f"# HELP {name} Requests ended, by finish reason.")
-            out.append(f"# TYPE {name} counter")
-            for reason in sorted(self.finished):
-                out.append(
-                    f'{name}{{{labels},finish_reason="{_escape(reason)}"}} {self.finished[reason]}'
-                )
-            for hist_name, hist, help_ in (
-                (
-                    "mgpu_time_to_first_token_seconds",
-                    self.time_to_first_token,
-                    "Time from request arrival to its first generated token.",
-                ),
-                (
-                    "mgpu_request_latency_seconds",
-                    self.request_latency,
-                    "Time from request arrival to its end.",
-                ),
-            ):
-                out.append(f"# HELP {hist_name} {help_}")
-                out.append(f"# TYPE {hist_name} histogram")
-                out.extend(hist.lines(hist_name, labels))
-        return "\n".join(out) + "\n"
+        procs = dict(zip(engine.executor.local.ranks, engine.executor.procs, strict=True))
+        for rank in range(engine.executor.world_size):
+            proc = procs.get(rank)
+            alive = m.healthy and (proc is None or proc.poll() is None)
+            up.add_metric([name, reports.get(rank, "?"), str(rank)], int(alive))
+        yield up
 
+        counters = {
+            "compute_s": ("mgpu_device_compute_seconds", "Seconds the rank computed in steps."),
+            "comm_s": (
+                "mgpu_device_communication_seconds",
+                "Seconds the rank spent in collectives (all-reduce, gather, send/recv).",
+            ),
+            "idle_s": ("mgpu_device_idle_seconds", "Seconds the rank waited between steps."),
+            "steps": ("mgpu_device_steps", "Steps the rank ran."),
+        }
+        families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
+        for rank, timing in sorted(state.totals.items()):
+            key = [name, reports.get(rank, "?"), str(rank)]
+            families["compute_s"].add_metric(key, timing.compute_s)
+            families["comm_s"].add_metric(key, timing.comm_s)
+            families["idle_s"].add_metric(key, timing.idle_s)
+            families["steps"].add_metric(key, timing.steps)
+        yield from families.values()
 
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        ratio = GaugeMetricFamily(
+            "mgpu_device_imbalance_ratio",
+            "Slowest rank's compute over the mean of all ranks, over the monitor's window.",
+            labels=["model_name"],
+        )
+        ratio.add_metric([name], state.imbalance_ratio)
+        yield ratio
+        fraction = GaugeMetricFamily(
+            "mgpu_communication_fraction",
+            "Share of the ranks' step time spent in collectives, over the monitor's window.",
+            labels=["model_name"],
+        )
+        fraction.add_metric([name], state.communication_fraction)
+        yield fraction
+        warn = GaugeMetricFamily(
+            "mgpu_imbalance_warning",
+            "1 while the server's imbalance or slow-link warning stands.",
+            labels=["model_name"],
+        )
+        warn.add_metric([name], int(state.warning is not None))
+        yield warn
