@@ -153,6 +153,18 @@ class Metrics:
             stats.recomputed_tokens_total,
         )
         metric(
+            "mgpu_prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_cache_queries_total,
+        )
+        metric(
+            "mgpu_prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the prefix cache (not computed again).",
+            stats.prefix_cache_hits_total,
+        )
+        metric(
             "mgpu_generation_tokens_total",
             "counter",
             "Tokens generated.",
