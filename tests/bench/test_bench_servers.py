@@ -73,6 +73,18 @@ def test_bench_against_mgpu_serve(demo_server: LocalServer, tmp_path: Path) -> N
     assert len(rows) == 3 and rows[0].split(",")[1] == "concurrency"
 
 
+def test_shared_prefix_hits_the_prefix_cache(demo_server: LocalServer) -> None:
+    before = _metrics(demo_server.url)
+    argv = ["bench", "--url", demo_server.url, "--concurrency", "1", "--num-prompts", "3"]
+    argv += ["--shared-prefix-words", "64", "--prompt-len", "4", "--output-len", "2"]
+    assert main([*argv, "--warmup", "0", "--no-progress"]) == 0
+    after = _metrics(demo_server.url)
+    hits = after["mgpu_prefix_cache_hits_total"] - before["mgpu_prefix_cache_hits_total"]
+    queries = after["mgpu_prefix_cache_queries_total"] - before["mgpu_prefix_cache_queries_total"]
+    assert queries >= 3 * 64 and hits >= 2 * 48  # the second and third requests reuse the prefix
+    assert hits % 16 == 0 and hits < queries
+
+
 def test_plot_and_compare_write_a_png(
     demo_server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -227,7 +227,7 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ConfigError("--local starts its own servers; leave out --url")
         docs = []
         for flags in parse_sweeps(args.sweep):
-            label = layout_label(flags)
+            label = layout_label(flags) if flags or not args.label else args.label
             serve = shlex.split(args.serve_args) + [x for pair in flags for x in pair]
             if args.model:
                 serve = ["--model", args.model, *serve]
