@@ -134,3 +134,16 @@ def test_admission_that_fails_takes_back_its_prefix() -> None:
     assert b.block_table == [] and b.num_computed_tokens == 0 and b in sched.waiting
     assert [bm.ref_count(x) for x in a.block_table] == [1, 1, 1]
     assert (bm.num_queried_tokens, bm.num_hit_tokens) == (9, 0)
+
+
+def test_on_by_default_and_off_from_the_command_line() -> None:
+    from mgpu.cli import build_parser, engine_args
+
+    parser = build_parser()
+    on = engine_args(parser.parse_args(["serve"]))
+    off = engine_args(parser.parse_args(["serve", "--no-enable-prefix-caching"]))
+    explicit = engine_args(parser.parse_args(["serve", "--enable-prefix-caching"]))
+    assert on.enable_prefix_caching and explicit.enable_prefix_caching
+    assert not off.enable_prefix_caching
+    assert off.engine_kwargs()["enable_prefix_caching"] is False
+    assert on.ignored() is None
