@@ -119,6 +119,13 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_monitor)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from mgpu.bench.cli import add_bench_arguments
+
+    p = sub.add_parser("bench", help="load-test any OpenAI-compatible server (or sweep layouts)")
+    add_bench_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mgpu`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -133,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_train(sub)
     _add_monitor(sub)
+    _add_bench(sub)
     return parser
 
 

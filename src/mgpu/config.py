@@ -411,6 +411,8 @@ class CacheConfig:
     #: CPU only: memory of each rank in bytes (from ``--device-memory``); None: the available RAM.
     rank_memory_bytes: tuple[int, ...] | None = None
     num_blocks_override: int | None = None
+    #: Share the KV blocks of equal prompt prefixes between sequences (engine.block_manager).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -461,7 +463,6 @@ IGNORED_BECAUSE = {
     "enforce_eager": "mgpu runs eagerly unless --compile is given",
     "swap_space": "pre-empted sequences are recomputed, never swapped to CPU memory",
     "kv_cache_dtype": "the KV cache is kept in the model's dtype",
-    "enable_prefix_caching": "there is no prefix cache yet",
     "disable_log_stats": "mgpu prints no periodic statistics (see /metrics)",
     "disable_log_requests": "mgpu logs requests only at --log-level info",
 }
@@ -551,7 +552,9 @@ class EngineArgs:
     )
     kv_cache_dtype: str = _arg("auto", "vLLM's KV-cache dtype (auto only)", group="vllm")
     enable_prefix_caching: bool = _arg(
-        False, "vLLM's prefix cache (see the start-up line)", group="vllm"
+        True,
+        "share the KV cache of equal prompt prefixes between requests (vLLM's automatic prefix "
+        "caching; --no-enable-prefix-caching turns it off)",
     )
     disable_log_stats: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
     disable_log_requests: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
@@ -580,6 +583,7 @@ class EngineArgs:
         Args:
             parser: the subcommand's parser.
         """
+        import argparse
         import dataclasses
 
         titles = {
@@ -593,7 +597,11 @@ class EngineArgs:
             names = [f"--{f.name.replace('_', '-')}", *meta.get("flags", ())]
             group = groups[meta.get("group", "engine")]
             if isinstance(f.default, bool):
-                group.add_argument(*names, dest=f.name, action="store_true", help=meta["help"])
+                # A switch that is on by default also gets its --no-... form (vLLM's).
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                group.add_argument(
+                    *names, dest=f.name, action=action, default=f.default, help=meta["help"]
+                )
                 continue
             kind = meta.get("type")
             convert: Any = str if kind == "ints" else _value_type(f.default, f.type)
@@ -636,6 +644,7 @@ class EngineArgs:
             "num_blocks": self.num_gpu_blocks_override,
             "cpu_reserved_cores": self.cpu_reserved_cores,
             "compile_decode": self.compile,
+            "enable_prefix_caching": self.enable_prefix_caching,
             "max_steps_in_flight": self.max_steps_in_flight,
             "nnodes": self.nnodes,
             "master_addr": self.master_addr,

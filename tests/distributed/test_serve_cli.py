@@ -75,7 +75,7 @@ def test_vllm_command_line_serves(tiny_llama: Path, tmp_path: Path) -> None:
     try:
         ignored = [line for line in server.lines if "ignored:" in line]
         assert len(ignored) == 1
-        for flag in ("--seed", "--enforce-eager", "--swap-space", "--enable-prefix-caching"):
+        for flag in ("--seed", "--enforce-eager", "--swap-space"):
             assert flag in ignored[0]
         hf_tok = AutoTokenizer.from_pretrained(tiny_llama)
         tok = httpx.post(f"{server.url}/tokenize", json={"prompt": "The quick brown fox"}).json()

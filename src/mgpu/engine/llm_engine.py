@@ -105,6 +105,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     recomputed_tokens_total: int = 0
+    # Prefix cache, in prompt tokens as vLLM counts it: looked up at admission, and found cached.
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,6 +141,7 @@ class LLMEngine:
             there are more cores than ranks; 0 gives the workers every core).
         compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
+        enable_prefix_caching: share the KV blocks of equal prompt prefixes between requests.
         tokenizer: tokenizer directory or hub id (default: the model's).
         chat_template: a Jinja chat template, or a file holding one (default: the tokenizer's).
         max_steps_in_flight: micro-batches outstanding at once (default: one per pipeline stage;
@@ -172,6 +176,7 @@ class LLMEngine:
         num_blocks: int | None = None,
         cpu_reserved_cores: int | None = None,
         compile_decode: bool = False,
+        enable_prefix_caching: bool = True,
         tokenizer: str | None = None,
         chat_template: str | None = None,
         max_steps_in_flight: int | None = None,
@@ -239,6 +244,7 @@ class LLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             rank_memory_bytes=rank_memory,
             num_blocks_override=num_blocks,
+            enable_prefix_caching=enable_prefix_caching,
         )
         tokenizer_path = str(resolve_model_path(tokenizer)) if tokenizer else str(self.model_path)
         try:
@@ -343,7 +349,9 @@ class LLMEngine:
                 "--max-model-len, raise --gpu-memory-utilization, or use more devices"
             )
         self.executor.call_all("allocate_kv_cache", num_blocks)
-        self.block_manager = BlockManager(num_blocks, self.cache_config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
 
     @property
@@ -691,6 +699,8 @@ class LLMEngine:
         s.kv_cache_usage = self.block_manager.usage
         s.num_free_blocks = self.block_manager.num_free_blocks
         s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries_total = self.block_manager.num_queried_tokens
+        s.prefix_cache_hits_total = self.block_manager.num_hit_tokens
 
     # ---- scoring and lifecycle ----------------------------------------------------------------
 
@@ -702,6 +712,7 @@ class LLMEngine:
                 raise MgpuError("prompt_logits needs an idle engine (requests are in flight)")
             self._drain()
             replies = self.executor.call_all("prompt_logits", list(prompt_token_ids))
+            self.block_manager.reset_prefix_cache()  # the call wrote over the cached blocks
         return replies[self.executor.output_rank]
 
     @property

@@ -6,6 +6,11 @@ as much of the budget as it can (chunked prefill). Waiting sequences are admitte
 When the cache has no block for a running sequence, the most recently admitted one is pre-empted:
 its blocks are freed and it goes back to the front of the queue, to be recomputed later. Nothing is
 ever dropped.
+
+With prefix caching, a sequence being admitted first takes the cached blocks of its longest cached
+prefix and starts computing after them; blocks are hashed into the cache once their tokens are
+computed (seen at the next schedule, when the step that computed them has been collected), and
+when a sequence finishes or is pre-empted.
 """
 
 from __future__ import annotations
@@ -63,15 +68,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its blocks."""
+        """Remove a finished or aborted sequence and free its blocks (cached ones stay cached)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.blocks.cache_full_blocks(seq)
         self.blocks.free(seq.block_table)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        self.blocks.cache_full_blocks(seq)  # so that resuming finds its own prefix cached
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -99,6 +106,7 @@ class Scheduler:
                 break
             if seq not in self.running or seq.seq_id in busy:
                 continue  # pre-empted below to make room for an older sequence, or in flight
+            self.blocks.cache_full_blocks(seq)  # what the last collected step computed
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
@@ -115,8 +123,12 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs or len(out.scheduled) >= limit:
                 break
             seq = self.waiting[0]
+            hit = self.blocks.allocate_prefix(seq)
+            seq.num_computed_tokens = hit
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n):
+                self.blocks.undo_prefix(seq, hit)
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -210,6 +210,16 @@ class _EngineCollector(Collector):
             "Tokens prefilled again to resume pre-empted sequences.",
             stats.recomputed_tokens_total,
         )
+        yield counter(
+            "mgpu_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_cache_queries_total,
+        )
+        yield counter(
+            "mgpu_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not computed again).",
+            stats.prefix_cache_hits_total,
+        )
         yield counter("mgpu_generation_tokens", "Tokens generated.", stats.generation_tokens_total)
         yield from self._devices()
 
