@@ -43,35 +43,77 @@ def resolve(args: EngineArgs) -> ResolvedPlan:
     Args:
         args: the engine settings.
     """
-    path = resolve_model_path(args.model if args.model is not None else demo_model_path())
-    if path.is_file():  # a GGUF file or Ollama blob
+    return resolve_engine(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        layer_split=args.layer_split,
+        placement=args.placement,
+        device_memory=args.device_memory,
+        enable_expert_parallel=args.enable_expert_parallel,
+    )
+
+
+def resolve_engine(
+    model: str | Path | None,
+    *,
+    device: str | None,
+    dtype: str,
+    quantization: str | None,
+    tensor_parallel_size: int | None,
+    pipeline_parallel_size: int | None,
+    layer_split: tuple[int, ...] | None,
+    placement: str,
+    device_memory: str | float | list | tuple | None,
+    enable_expert_parallel: bool,
+) -> ResolvedPlan:
+    """Everything a start decides before reading a weight or spawning a rank; the one place
+    :class:`~mgpu.engine.llm_engine.LLMEngine`, ``--dry-run`` and headless nodes decide it.
+
+    Args:
+        model: a HF directory, hub id, GGUF file or Ollama name (None: the bundled demo).
+        device: ``"cpu"``, ``"cuda"`` or None (cuda if present).
+        dtype: ``auto`` or a dtype name.
+        quantization: ``--quantization`` (None: as stored).
+        tensor_parallel_size: ranks per layer, if given.
+        pipeline_parallel_size: stages, if given.
+        layer_split: layers per stage, if given.
+        placement: ``"auto"`` or ``"manual"``.
+        device_memory: CPU budgets (see :func:`mgpu.engine.placement.parse_device_memory`).
+        enable_expert_parallel: whole experts per TP rank (MoE models).
+    """
+    path = resolve_model_path(model if model is not None else demo_model_path())
+    if path.is_file():  # a GGUF file or Ollama blob, not a HF directory
         from mgpu.models.gguf import gguf_model_config
 
         config = gguf_model_config(path)
     else:
         config = ModelConfig.from_file(path)
-    model_class(config)  # refuse an unsupported architecture here too
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_class(config)  # refuse an unsupported architecture before anything starts
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
-    quant_config_for(path, args.quantization)  # a format the model does not have fails here
-    # Quantized weights run their fused kernels with bf16 activations (as LLMEngine decides).
-    auto = torch.bfloat16 if args.quantization else parse_dtype(config.torch_dtype)
-    dtype = parse_dtype(args.dtype, auto)
+    quant_config_for(path, quantization)  # an unknown name or a format the model lacks fails here
+    # Quantized weights run their fused kernels with bf16 activations (docs/quantization.md).
+    auto = torch.bfloat16 if quantization else parse_dtype(config.torch_dtype)
+    torch_dtype = parse_dtype(dtype, auto)
     parallel, rank_memory = resolve_layout(
         config,
-        torch.finfo(dtype).bits // 8,
+        torch.finfo(torch_dtype).bits // 8,
         device,
-        args.tensor_parallel_size,
-        args.pipeline_parallel_size,
-        args.layer_split,
-        args.placement,
-        args.device_memory,
+        tensor_parallel_size,
+        pipeline_parallel_size,
+        tuple(layer_split) if layer_split else None,
+        placement,
+        device_memory,
     )
-    if args.enable_expert_parallel:
+    if enable_expert_parallel:
         parallel = dataclasses.replace(parallel, enable_expert_parallel=True)
     parallel.check_model(config)
-    return ResolvedPlan(path, config, parallel, device, dtype, rank_memory)
+    return ResolvedPlan(path, config, parallel, device, torch_dtype, rank_memory)
 
 
 def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]]:

@@ -7,7 +7,6 @@ the HTTP server are both thin loops around these three calls.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -24,24 +23,20 @@ import torch
 from mgpu.config import (
     CacheConfig,
     EngineArgs,
-    ModelConfig,
     SchedulerConfig,
     blocks_for_tokens,
-    parse_dtype,
 )
 from mgpu.engine.block_manager import BlockManager
 from mgpu.engine.detokenizer import detokenize_incrementally
 from mgpu.engine.executor import Executor, LaunchConfig
+from mgpu.engine.headless import resolve_engine
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.engine.model_runner import RankReport
-from mgpu.engine.placement import resolve_layout
 from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
-from mgpu.layers.quantization import quant_config_for
 from mgpu.memory import padded_vocab_size
-from mgpu.models.loader import demo_model_path, resolve_model_path, safetensors_files
-from mgpu.models.registry import model_class
+from mgpu.models.loader import resolve_model_path, safetensors_files
 from mgpu.sampling import SampleResult, SamplingParams
 
 logger = logging.getLogger("mgpu.engine")
@@ -109,10 +104,6 @@ class EngineStats:
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class LLMEngine:
@@ -187,40 +178,28 @@ class LLMEngine:
     ):
         from transformers import AutoTokenizer
 
-        self.model_path = resolve_model_path(model if model is not None else demo_model_path())
+        # The layout is decided (or refused) here, before any process starts or weight is read.
+        plan = resolve_engine(
+            model,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            layer_split=layer_split,
+            placement=placement,
+            device_memory=device_memory,
+            enable_expert_parallel=enable_expert_parallel,
+        )
+        self.model_path, self.model_config = plan.model_path, plan.model_config
+        self.parallel_config = plan.parallel_config
+        self.device, self.dtype = plan.device, plan.dtype
+        rank_memory = plan.rank_memory_bytes
         is_gguf = self.model_path.is_file()  # a GGUF file or Ollama blob, not a HF directory
         if is_gguf:
-            from mgpu.models.gguf import gguf_model_config, gguf_tokenizer
-
-            self.model_config = gguf_model_config(self.model_path)
+            from mgpu.models.gguf import gguf_tokenizer
         else:
-            self.model_config = ModelConfig.from_file(self.model_path)
-        model_class(self.model_config)  # refuse unsupported architectures before spawning anything
-        if not is_gguf:
-            safetensors_files(self.model_path)  # and a directory without usable weights
-        self.device = device or _default_device()
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
-        # Quantized weights run their fused kernels with bf16 activations (docs/quantization.md).
-        auto = torch.bfloat16 if quantization else parse_dtype(self.model_config.torch_dtype)
-        self.dtype = parse_dtype(dtype, auto)
-        quant_config_for(self.model_path, quantization)  # an unknown name fails before spawning
-        # The layout is decided (or refused) here, before any process starts or weight is read.
-        self.parallel_config, rank_memory = resolve_layout(
-            self.model_config,
-            torch.finfo(self.dtype).bits // 8,
-            self.device,
-            tensor_parallel_size,
-            pipeline_parallel_size,
-            tuple(layer_split) if layer_split else None,
-            placement,
-            device_memory,
-        )
-        if enable_expert_parallel:
-            self.parallel_config = dataclasses.replace(
-                self.parallel_config, enable_expert_parallel=True
-            )
-        self.parallel_config.check_model(self.model_config)
+            safetensors_files(self.model_path)  # a directory without usable weights fails here
         self.max_steps_in_flight = (
             max_steps_in_flight or self.parallel_config.pipeline_parallel_size
         )
