@@ -6,12 +6,17 @@
        │ submit(): one broadcast of ("call", step_id, method, args, reply_all)
        ▼
     rank 0 … rank N-1 (``python -m mgpu.engine.worker``, here or on other nodes)
-       │ the output rank (or every rank, for ``call_all``) sends (step_id, result)
+       │ the output rank (or every rank, for ``call_all``) sends (step_id, result, timings)
        ▼
     receiver thread ──► replies queue ──► collect() (oldest step first)
+                   └──► every rank's step timings (``rank_timings``, read by the monitor)
 
 Several steps may be in flight: each worker serves messages in order and pipeline stages hand
 hidden states on asynchronously, so with ``pp_size`` steps outstanding every stage is busy.
+
+The output rank's step replies carry every rank's cumulative step timings (gathered onto it by
+:class:`~mgpu.monitor.timing.TimingExchange`), so the monitor's numbers cost no message of their
+own and cover ranks on other nodes alike.
 
 Liveness is watched in every wait: local workers by their process status, every rank by the
 errors it writes to the rendezvous store and by its heartbeat there (ranks on other nodes). A dead
@@ -228,8 +233,9 @@ class Executor:
         launch_config: device, dtype, KV-cache settings and rendezvous.
 
     Threading: ``submit``, ``collect`` and ``call_all`` are called by one thread at a time (the
-    engine's, under its lock). The receiver thread only receives; ``_store_lock`` guards the store
-    client, which the caller's thread and the clean-up thread share.
+    engine's, under its lock). The receiver thread only receives, and replaces the timings dict
+    whole; ``_store_lock`` guards the store client, which the caller's thread and the clean-up
+    thread share.
     """
 
     def __init__(
@@ -277,6 +283,7 @@ class Executor:
         self._expected: queue.Queue[tuple[int, list[int], bool] | None] = queue.Queue()
         self._replies: queue.Queue[tuple[int, Any] | BaseException] = queue.Queue()
         self._outstanding: deque[int] = deque()
+        self._timings: dict[int, RankTiming] = {}
         self._heartbeats: dict[int, tuple[int, float]] = {}
         self._last_store_poll = 0.0
         # Heartbeats count only once every rank has loaded: imports hold the GIL for seconds.
@@ -368,18 +375,9 @@ class Executor:
                 )
 
     def rank_timings(self) -> dict[int, RankTiming]:
-        """Each rank's cumulative step timings, as its heartbeat last published them (ranks that
-        have not published yet are left out). Callable from any thread."""
-        out = {}
-        with self._store_lock:
-            if self._closed:
-                return out
-            for rank in range(self.world_size):
-                key = f"timing/{rank}"
-                with contextlib.suppress(Exception):
-                    if self._store.check([key]):
-                        out[rank] = RankTiming.decode(self._store.get(key))
-        return out
+        """Each rank's cumulative step timings, as the latest step reply carried them (one step
+        behind; empty before the second step). Callable from any thread."""
+        return dict(self._timings)
 
     def _fail(self, message: str, exc: BaseException | None = None) -> None:
         """Record the failure, stop every rank in the background, raise."""
@@ -426,11 +424,13 @@ class Executor:
             except BaseException as exc:  # a peer died; collect() reports which one
                 self._replies.put(exc)
                 return
-            for (got, _), r in zip(replies, ranks, strict=True):
+            for (got, _, timings), r in zip(replies, ranks, strict=True):
                 if got != step_id:
                     self._replies.put(RuntimeError(f"rank {r} answered step {got}, not {step_id}"))
                     return
-            values = [value for _, value in replies]
+                if timings is not None:
+                    self._timings = dict(enumerate(timings))
+            values = [value for _, value, _ in replies]
             self._replies.put((step_id, values if reply_all else values[0]))
 
     def submit(self, method: str, *args: Any, reply_all: bool = False) -> int:
