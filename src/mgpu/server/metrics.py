@@ -262,15 +262,28 @@ class _EngineCollector(Collector):
                 "PCIe receive throughput (NVML).",
             ),
         }
+        nvlink = {
+            "nvlink_tx_bytes": CounterMetricFamily(
+                "mgpu_device_nvlink_tx_bytes",
+                "NVLink data transmitted over all the device's links (NVML, where reported).",
+                labels=labels,
+            ),
+            "nvlink_rx_bytes": CounterMetricFamily(
+                "mgpu_device_nvlink_rx_bytes",
+                "NVLink data received over all the device's links (NVML, where reported).",
+                labels=labels,
+            ),
+        }
         for sample in state.devices:
             values = sample.to_dict()
             key = [name, reports.get(sample.rank, sample.device), str(sample.rank)]
-            for field_name, fam in gauges.items():
+            for field_name, fam in [*gauges.items(), *nvlink.items()]:
                 value = values[field_name]
                 if value is not None:
                     scale = 1e6 if field_name == "sm_clock_mhz" else 1.0
                     fam.add_metric(key, float(value) * scale)
         yield from gauges.values()
+        yield from nvlink.values()
 
         up = GaugeMetricFamily(
             "mgpu_rank_up", "1 while the rank's worker runs (0: down).", labels=labels
