@@ -66,7 +66,8 @@ def _exchange_rank(
     w1, w2 = torch.randn(512, 704), torch.randn(704, 512)  # one rank's shard of a 512-wide MLP
     x = torch.randn(4, 512)  # (batch, hidden)
     exchange = TimingExchange(TIMER, 2, rank == ps.output_rank(), gather_step_timings)
-    rates: dict[str, list[float]] = {"off": [], "on": []}
+    rates: dict[str, list[float]] = {"off": [], "on": [], "call_us": []}
+    spent = 0.0
     for _ in range(rounds):
         for mode in ("off", "on"):
             dist.barrier()
@@ -78,9 +79,12 @@ def _exchange_rank(
                     h = tp_all_reduce(torch.relu(h @ w1) @ w2 * 0.01)  # (4, 512): down_proj
                 TIMER.end_step()
                 if mode == "on":
+                    t = time.perf_counter()
                     exchange.after_step()
+                    spent += time.perf_counter() - t
             rates[mode].append(steps / (time.perf_counter() - start))
     exchange.finish()
+    rates["call_us"] = [1e6 * spent / (rounds * steps)]
     dist.barrier()
     if rank == 0:
         out.update(rates)
@@ -148,6 +152,7 @@ def main() -> None:
         runs = ", ".join(f"{x:.0f}" for x in rates[name])
         print(f"gather {name + ':':4} median {median:.0f} steps/s  (runs {runs})")
     print(f"difference: {100 * (b - a) / a:+.1f}%, {1e6 * (1 / b - 1 / a):+.0f} us per step")
+    print(f"host time of one exchange on the output rank: {rates['call_us'][0]:.0f} us")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class FakeWork:
         self.waited = True
 
 
-def test_exchange_reports_every_rank_one_step_behind() -> None:
+def test_exchange_adds_completed_gathers_and_never_waits() -> None:
     timer, works = RankTimer(), []
 
     def gather(x: torch.Tensor) -> tuple[Any, list[torch.Tensor] | None]:
@@ -104,18 +104,26 @@ def test_exchange_reports_every_rank_one_step_behind() -> None:
     with timer.collective():
         time.sleep(0.01)
     timer.end_step()
-    assert exchange.after_step() == [RankTiming(), RankTiming()]  # nothing gathered yet
+    assert exchange.after_step() is None  # started, not complete: nothing to report
     (mine, sent), peer = works[0], [0.5, 0.1, 0.0, 1.0, 0.0]  # the peer: 0.4 s compute, 0.1 comm
+    # Still not complete (the peer is slow to post it): a step without a gather of its own
+    # neither waits for it nor starts another.
+    assert exchange.after_step(gather=False) is None and len(works) == 1
     assert sent[3] == 1 and sent[1] >= 0.01 and sent[0] >= sent[1]
     mine.deliver([sent.tolist(), peer])
     timer.begin_step()
     timer.end_step()
-    totals = exchange.after_step()
-    assert totals is not None and mine.waited
+    totals = exchange.after_step(gather=False)
+    assert totals is not None and mine.waited and not exchange._pending
     assert totals[1].step_s == 0.5 and totals[1].steps == 1 and totals[1].compute_s == 0.4
     assert totals[0].comm_s == pytest.approx(float(sent[1]))
     link = min(float(sent[1]), 0.1)
     assert totals[1].wait_s == pytest.approx(0.1 - link)
+    assert exchange.after_step(gather=False) is None  # nothing new to send
+    timer.begin_step()
+    timer.end_step()
+    exchange.after_step()  # the next gather covers the two steps since the first one
+    assert works[1][1][3] == 2
 
 
 def test_exchange_on_other_ranks_never_waits() -> None:
@@ -181,7 +189,8 @@ def test_tp2_engine_ranks_stay_even() -> None:
     finally:
         llm.shutdown()
     windows = [window(r, before[r], after[r], seconds) for r in (0, 1)]
-    assert all(w.steps == 24 for w in windows)  # one step behind: the last reply's previous one
+    assert windows[0].steps == windows[1].steps  # both from the same gathers
+    assert 12 <= windows[0].steps <= 30  # each reading up to 0.1 s and a step or two behind
     assert all(w.compute_s > 0 and w.comm_s > 0 for w in windows)
     assert all(0 <= w.wait_s <= w.comm_s for w in windows)
     # Each rank's step time is at most the window it ran in.
@@ -208,8 +217,8 @@ def test_waiting_for_a_slow_rank_is_not_counted_as_the_link() -> None:
         llm.shutdown()
     windows = [window(r, before[r], after[r], 1.0) for r in (0, 1)]
     fast, slow = windows
-    assert fast.steps == slow.steps == 12
-    assert slow.compute_s >= 12 * 0.03
-    assert fast.wait_s >= 0.8 * 12 * 0.03  # the sleeps, seen from rank 0, as waiting
+    assert fast.steps == slow.steps and 6 <= fast.steps <= 18
+    assert slow.compute_s >= fast.steps * 0.03
+    assert fast.wait_s >= 0.8 * fast.steps * 0.03  # the sleeps, seen from rank 0, as waiting
     assert communication_fraction(windows) > 0.2
     assert transfer_fraction(windows) < 0.5 * communication_fraction(windows)

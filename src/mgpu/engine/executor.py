@@ -3,7 +3,7 @@
 ::
 
     Executor (engine process, control rank 0)
-       │ submit(): one broadcast of ("call", step_id, method, args, reply_all)
+       │ submit(): one broadcast of ("call", step_id, method, args, reply_all, gather_timings)
        ▼
     rank 0 … rank N-1 (``python -m mgpu.engine.worker``, here or on other nodes)
        │ the output rank (or every rank, for ``call_all``) sends (step_id, result, timings)
@@ -15,8 +15,9 @@ Several steps may be in flight: each worker serves messages in order and pipelin
 hidden states on asynchronously, so with ``pp_size`` steps outstanding every stage is busy.
 
 The output rank's step replies carry every rank's cumulative step timings (gathered onto it by
-:class:`~mgpu.monitor.timing.TimingExchange`), so the monitor's numbers cost no message of their
-own and cover ranks on other nodes alike.
+:class:`~mgpu.monitor.timing.TimingExchange` after the steps the executor marks, one every
+:data:`TIMING_EVERY_S`), so the monitor's numbers cost no message of their own and cover ranks on
+other nodes alike.
 
 Liveness is watched in every wait: local workers by their process status, every rank by the
 errors it writes to the rendezvous store and by its heartbeat there (ranks on other nodes). A dead
@@ -59,6 +60,9 @@ logger = logging.getLogger("mgpu.executor")
 POLL_S = 0.02
 #: Seconds between two checks of the store (errors, heartbeats).
 STORE_POLL_S = 0.2
+#: Seconds between two steps whose timings every rank gathers onto the output rank: ten times
+#: the monitor's default sampling rate, at a fraction of a millisecond of host time each.
+TIMING_EVERY_S = 0.1
 
 
 def cpu_shares(world_size: int, reserved: int | None = None) -> list[list[int]]:
@@ -284,6 +288,7 @@ class Executor:
         self._replies: queue.Queue[tuple[int, Any] | BaseException] = queue.Queue()
         self._outstanding: deque[int] = deque()
         self._timings: dict[int, RankTiming] = {}
+        self._last_timing_gather = 0.0
         self._heartbeats: dict[int, tuple[int, float]] = {}
         self._last_store_poll = 0.0
         # Heartbeats count only once every rank has loaded: imports hold the GIL for seconds.
@@ -375,8 +380,9 @@ class Executor:
                 )
 
     def rank_timings(self) -> dict[int, RankTiming]:
-        """Each rank's cumulative step timings, as the latest step reply carried them (one step
-        behind; empty before the second step). Callable from any thread."""
+        """Each rank's cumulative step timings, as the latest step reply carried them (up to
+        :data:`TIMING_EVERY_S` and a step or two behind; empty before the first gather arrives).
+        Callable from any thread."""
         return dict(self._timings)
 
     def _fail(self, message: str, exc: BaseException | None = None) -> None:
@@ -443,8 +449,11 @@ class Executor:
         """
         self._check()
         step_id = next(self._ids)
+        gather_timings = False
+        if method == "execute" and time.monotonic() - self._last_timing_gather >= TIMING_EVERY_S:
+            gather_timings, self._last_timing_gather = True, time.monotonic()
         try:
-            self.control.post(("call", step_id, method, args, reply_all))
+            self.control.post(("call", step_id, method, args, reply_all, gather_timings))
         except Exception as exc:
             self._check_store(force=True)
             self._fail(f"cannot reach the workers: {exc}")

@@ -7,13 +7,15 @@ notebooks all work. The worker then:
 1. connects to the engine's rendezvous store and joins the control group
    (:mod:`mgpu.distributed.control`) and the model's process groups;
 2. builds its :class:`~mgpu.engine.model_runner.ModelRunner` and replies with its report;
-3. serves control messages ``("call", step_id, method, args, reply_all)`` in order: it calls
+3. serves control messages ``("call", step_id, method, args, reply_all, gather_timings)`` in
+   order: it calls
    ``ModelRunner.method(*args)`` and replies ``(step_id, result, timings)`` when ``reply_all`` is
    true or, for ``execute``, when it is the output rank. ``("shutdown",)`` ends it.
 
-Step timings travel with the replies: after each ``execute`` every rank hands its seconds in the
-step to a :class:`~mgpu.monitor.timing.TimingExchange`, which gathers them onto the output rank,
-and the output rank's reply carries every rank's totals (``timings``; None in other replies).
+Step timings travel with the replies: after an ``execute`` whose message says ``gather_timings``
+every rank hands its seconds since the last such step to a
+:class:`~mgpu.monitor.timing.TimingExchange`, which gathers them onto the output rank, and the
+output rank's reply carries every rank's totals when they have changed (``timings``, else None).
 
 Liveness: a thread bumps ``heartbeat/<rank>`` in the store every :data:`HEARTBEAT_S` and ends the
 process when the store says ``shutdown`` or can no longer be reached. An exception is written to
@@ -237,10 +239,10 @@ def _serve(init: WorkerInit, store: Any) -> None:
             if message[0] == "shutdown":
                 exchange.finish()
                 return
-            _, step_id, method, args, reply_all = message
+            _, step_id, method, args, reply_all, gather_timings = message
             result = getattr(runner, method)(*args)
-            # Every rank runs every step in the same order, so the gathers pair up.
-            timings = exchange.after_step() if method == "execute" else None
+            # Every rank runs every step in the same order, with the same flag: the gathers pair.
+            timings = exchange.after_step(gather_timings) if method == "execute" else None
             if reply_all or (method == "execute" and runner.is_output_rank):
                 control.reply((step_id, result, timings))
     finally:

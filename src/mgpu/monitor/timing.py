@@ -17,18 +17,20 @@ on. The waiting is imbalance, not a slow link, and is counted apart (``wait_s``)
 
 - where the collective shows it (the shared-memory all-reduce spins until every rank has published
   its part), the rank measures it itself (:meth:`RankTimer.waited`);
-- the rest is found per step across ranks (:class:`TimingExchange`): the rank that waited least in
-  a step saw only the link, since the last rank to arrive at a collective waits for nobody; every
-  other rank's extra collective time in that step was waiting. That is exact when one rank lags
-  through the whole step (a slow device, an uneven split) and an upper bound of the link's share
+- the rest is found across ranks, per gathered interval of steps (:class:`TimingExchange`): the
+  rank that waited least in it saw only the link, since the last rank to arrive at a collective
+  waits for nobody; every other rank's extra collective time was waiting. That is exact when one
+  rank lags throughout (a slow device, an uneven split) and an upper bound of the link's share
   otherwise.
 
 How the timings reach the engine (no message of their own)::
 
-    every rank, after step N        gather(its seconds of step N) -> output rank   (async, gloo)
-    output rank, replying to N+1    wait for step N's gather (every rank posted it before it
-                                    could take part in step N+1), add it to the totals, and put
-                                    every rank's totals in the reply
+    engine                          marks step N "gather timings" (every 0.1 s), in its message
+    every rank, after step N        gather(its seconds since its last gather) -> output rank
+                                    (async, on a gloo group of its own)
+    output rank, after step N+k     add every gather that has completed (in order) to the
+                                    totals, never waiting, and put every rank's totals in the
+                                    reply: a step or two behind
 """
 
 from __future__ import annotations
@@ -177,15 +179,16 @@ GatherFn = Callable[[Any], tuple[Any, list[Any] | None]]
 
 
 def add_step(totals: list[RankTiming], steps: list[RankTiming]) -> list[RankTiming]:
-    """Every rank's totals after one more step, whose seconds ``steps`` holds (one per rank).
+    """Every rank's totals after one more gathered interval of steps, whose seconds ``steps``
+    holds (one entry per rank).
 
-    The rank that spent least time in the step's collectives, less what it saw itself as waiting,
-    measures what moving the data cost (the module docstring says why); each rank's collective
-    time beyond that was waiting for a peer.
+    The rank that spent least time in the interval's collectives, less what it saw itself as
+    waiting, measures what moving the data cost (the module docstring says why); each rank's
+    collective time beyond that was waiting for a peer.
 
     Args:
         totals: each rank's cumulative timings so far, by rank.
-        steps: each rank's seconds in the step (``wait_s``: the waiting it measured itself).
+        steps: each rank's seconds in the interval (``wait_s``: the waiting it measured itself).
     """
     link = min(s.transfer_s for s in steps)
     return [
@@ -203,11 +206,14 @@ def add_step(totals: list[RankTiming], steps: list[RankTiming]) -> list[RankTimi
 class TimingExchange:
     """Brings every rank's step timings to the output rank with the steps themselves.
 
-    After each step every rank starts one asynchronous gather of its seconds in that step (five
-    numbers) to the output rank; the output rank, after the next step, waits for that gather
-    (already complete in practice: every rank posted it before it could take part in this step),
-    adds it to the totals (:func:`add_step`) and returns them for its reply. The numbers therefore
-    lag by one step and cost no round trip of their own.
+    After the steps the engine marks (one every :data:`~mgpu.engine.executor.TIMING_EVERY_S`),
+    every rank starts one asynchronous gather of its seconds since its last contribution (five
+    numbers) to the output rank. After each step the output rank adds every gather that has
+    completed, oldest first, to the totals (:func:`add_step`) and returns them for its reply; it
+    never waits for one (gathers complete in the order they were started, each once every rank
+    has posted it, which each does before it takes part in the next step). The numbers therefore
+    lag by a step or two and cost no round trip of their own; starting a gather costs about
+    0.2 ms of host time on a loaded CPU, which is why not every step carries one.
 
     Args:
         timer: this rank's timer.
@@ -227,10 +233,18 @@ class TimingExchange:
         # Gathers not yet known to be complete, with the tensors they read and (output rank) fill.
         self._pending: list[tuple[Any, Any, list[Any] | None]] = []
 
-    def after_step(self) -> list[RankTiming] | None:
-        """Contribute the step just run; on the output rank return every rank's totals."""
+    def after_step(self, gather: bool = True) -> list[RankTiming] | None:
+        """After a step: with ``gather``, contribute this rank's seconds since its last
+        contribution; on the output rank, return every rank's totals when they have changed.
+
+        Args:
+            gather: contribute now. Every rank must be given the same value for the same step
+                (the engine decides, in the step message), so the gathers pair up.
+        """
         import torch
 
+        if not gather:
+            return self._collect() if self.is_output_rank and self.world_size > 1 else None
         now = self.timer.snapshot()
         last, self._last = self._last, now
         step = RankTiming(
@@ -251,14 +265,20 @@ class TimingExchange:
         if not self.is_output_rank:
             self._pending = [p for p in self._pending if not p[0].is_completed()]
             return None
-        if len(self._pending) > 1:
+        return self._collect()
+
+    def _collect(self) -> list[RankTiming] | None:
+        """Add the gathers that have completed, oldest first; the totals if any was added."""
+        changed = False
+        while self._pending and self._pending[0][0].is_completed():
             work, _, parts = self._pending.pop(0)
-            work.wait()
+            work.wait()  # complete: raises only if the gather failed
             assert parts is not None
             values = [p.tolist() for p in parts]  # world_size x (5,)
             steps = [RankTiming(v[0], v[1], v[2], int(v[3]), v[4]) for v in values]
             self.totals = add_step(self.totals, steps)
-        return self.totals
+            changed = True
+        return self.totals if changed else None
 
     def finish(self) -> None:
         """Wait for this rank's gathers still in flight (at a clean shutdown, every rank is up)."""
