@@ -7,9 +7,9 @@ peer is the same engine with the monitor stopped: rounds alternate off and on (s
 faster than the server's default, 0.1 s) so drift on a loaded machine hits both alike, and the
 median of each is reported.
 
-Question 2: after every step each rank starts an asynchronous gloo gather of its timings onto the
-output rank (:class:`mgpu.monitor.timing.TimingExchange`), which the engine always runs. What does
-it cost a step? The peer is the same two gloo ranks (``init_distributed``, TP=2) running steps
+Question 2: after a step every rank starts an asynchronous gloo gather of its timings onto the
+output rank (:class:`mgpu.monitor.timing.TimingExchange`), which the engine always runs (on one
+step every 0.1 s). What does it cost? Here it runs after every step, the worst case. The peer is the same two gloo ranks (``init_distributed``, TP=2) running steps
 shaped like the demo model's decode (matmuls and two all-reduces of a (4, 512) activation per
 layer, 4 layers, through shared memory as the engine's CPU ranks do) without the exchange: rounds
 alternate, medians of steps per second.
