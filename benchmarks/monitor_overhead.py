@@ -9,10 +9,11 @@ median of each is reported.
 
 Question 2: after a step every rank starts an asynchronous gloo gather of its timings onto the
 output rank (:class:`mgpu.monitor.timing.TimingExchange`), which the engine always runs (on one
-step every 0.1 s). What does it cost? Here it runs after every step, the worst case. The peer is the same two gloo ranks (``init_distributed``, TP=2) running steps
-shaped like the demo model's decode (matmuls and two all-reduces of a (4, 512) activation per
-layer, 4 layers, through shared memory as the engine's CPU ranks do) without the exchange: rounds
-alternate, medians of steps per second.
+step every 0.1 s). What does it cost? Here it runs after every step, the worst case. The peer is
+the same two gloo ranks (``init_distributed``, TP=2) running steps shaped like the demo model's
+decode (matmuls and two all-reduces of a (4, 512) activation per layer, 4 layers, through shared
+memory as the engine's CPU ranks do) without the exchange: rounds alternate, medians of steps per
+second, and the host time of one exchange on the output rank.
 
 Run: ``python benchmarks/monitor_overhead.py [--rounds 5] [--tokens 64] [--steps 400] [--pin]``.
 """

@@ -146,6 +146,8 @@ def test_view_parses_and_renders_a_scrape() -> None:
             'mgpu_device_compute_seconds_total{device="cuda:0",model_name="m",rank="0"} 3',
             'mgpu_device_communication_seconds_total{device="cuda:0",model_name="m",rank="0"} 1',
             'mgpu_device_imbalance_ratio{model_name="m"} 1.6',
+            'mgpu_communication_fraction{model_name="m"} 0.57',
+            'mgpu_transfer_fraction{model_name="m"} 0.06',
             'mgpu_imbalance_warning{model_name="m"} 1',
             'mgpu_num_requests_running{model_name="m"} 2',
             "",
@@ -155,7 +157,8 @@ def test_view_parses_and_renders_a_scrape() -> None:
     assert [(d["device"], d["rank"]) for d in snap.devices] == [("cuda:0", 0), ("cuda:1", 1)]
     assert snap.devices[0]["communication_share"] == pytest.approx(0.25)
     assert snap.imbalance_ratio == 1.6 and snap.warning
-    console = Console(width=120, record=True)
+    console = Console(width=200, record=True)
     console.print(render(snap))
     out = console.export_text()
     assert "UNEVEN RANKS" in out and "cuda:1" in out and "75% |  25%" in out
+    assert "in collectives 57% (moving data 6%)" in out and snap.transfer_fraction == 0.06

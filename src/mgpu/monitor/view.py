@@ -51,6 +51,8 @@ class Snapshot:
             ``nvlink_bytes_per_s``).
         imbalance_ratio: slowest rank's compute over the mean (None locally).
         communication_fraction: share of step time in collectives (None locally).
+        transfer_fraction: share of step time moving data in collectives, waits for slower peers
+            left out (None locally).
         warning: whether the server's imbalance warning stands.
         requests: running and waiting sequences (empty locally).
         taken_at: monotonic time of the snapshot.
@@ -60,6 +62,7 @@ class Snapshot:
     devices: list[dict[str, Any]] = field(default_factory=list)
     imbalance_ratio: float | None = None
     communication_fraction: float | None = None
+    transfer_fraction: float | None = None
     warning: bool = False
     requests: dict[str, float] = field(default_factory=dict)
     taken_at: float = field(default_factory=time.monotonic)
@@ -71,6 +74,7 @@ class Snapshot:
             "devices": self.devices,
             "imbalance_ratio": self.imbalance_ratio,
             "communication_fraction": self.communication_fraction,
+            "transfer_fraction": self.transfer_fraction,
             "imbalance_warning": self.warning,
             "requests": self.requests,
         }
@@ -96,6 +100,8 @@ def parse_metrics(text: str, source: str) -> Snapshot:
                 snap.imbalance_ratio = value
             elif name == "mgpu_communication_fraction":
                 snap.communication_fraction = value
+            elif name == "mgpu_transfer_fraction":
+                snap.transfer_fraction = value
             elif name == "mgpu_imbalance_warning":
                 snap.warning = value > 0
             elif name in ("mgpu_num_requests_running", "mgpu_num_requests_waiting"):
@@ -188,6 +194,8 @@ def render(snap: Snapshot, threshold: float = MonitorConfig.imbalance_threshold)
             header += Text("  UNEVEN RANKS (see the server log)", style="bold red")
     if snap.communication_fraction is not None:
         header += Text(f"   in collectives {snap.communication_fraction:.0%}")
+        if snap.transfer_fraction is not None:
+            header += Text(f" (moving data {snap.transfer_fraction:.0%})")
     table = Table(show_edge=False, pad_edge=False)
     columns = ("rank", "device", "util", "mem GiB", "temp C", "power W", "NVLink GB/s")
     for column in (*columns, "compute | comm"):
