@@ -12,7 +12,7 @@ Rank layout (TP innermost), worked example with 8 ranks = TP 2 x PP 4::
 
     TP groups: {0,1} {2,3} {4,5} {6,7}   (all-reduce inside a layer)
     PP groups: {0,2,4,6} {1,3,5,7}       (hidden states passed stage to stage)
-    timing group: {0..7}, always gloo     (each step's timings gathered onto rank 6)
+    timing group: {0..7}, always gloo     (step timings gathered onto rank 6, the output rank)
 
 Layers ask for the TP or PP group through the accessors below, never for the global group. With one
 rank and no ``torch.distributed`` initialised, every size is 1 and collectives are no-ops, so a
@@ -94,7 +94,7 @@ def init_distributed(
         if rank in ranks:
             state.pp_group, state.pp_ranks, state.pp_rank = group, tuple(ranks), ranks.index(rank)
     if world_size > 1:
-        # CPU tensors on every backend: the monitor's per-step gather never touches the device.
+        # CPU tensors on every backend: the monitor's timing gathers never touch the device.
         state.timing_group = dist.new_group(list(range(world_size)), backend="gloo")
     if tp_shm_buffers is not None and tp_size > 1:
         state.tp_shm = ShmGroup(state.tp_rank, *tp_shm_buffers)

@@ -8,9 +8,9 @@ notebooks all work. The worker then:
    (:mod:`mgpu.distributed.control`) and the model's process groups;
 2. builds its :class:`~mgpu.engine.model_runner.ModelRunner` and replies with its report;
 3. serves control messages ``("call", step_id, method, args, reply_all, gather_timings)`` in
-   order: it calls
-   ``ModelRunner.method(*args)`` and replies ``(step_id, result, timings)`` when ``reply_all`` is
-   true or, for ``execute``, when it is the output rank. ``("shutdown",)`` ends it.
+   order: it calls ``ModelRunner.method(*args)`` and replies ``(step_id, result, timings)`` when
+   ``reply_all`` is true or, for ``execute``, when it is the output rank. ``("shutdown",)`` ends
+   it.
 
 Step timings travel with the replies: after an ``execute`` whose message says ``gather_timings``
 every rank hands its seconds since the last such step to a
