@@ -209,6 +209,16 @@ def test_slow_rank_raises_the_ratio_logs_the_warning_and_fires_the_alert(
     }
     assert compute["1"] > compute["0"]
     assert comm["0"] > comm["1"]
+    # Rank 0's extra collective time is waiting for rank 1, not moving data: the slow-link rule
+    # (on the transfer fraction) stays quiet although most of rank 0's step is in collectives.
+    wait = {
+        r["metric"]["rank"]: float(r["value"][1])
+        for r in _query(prometheus, "rate(mgpu_device_collective_wait_seconds_total[5s])")
+    }
+    assert wait["0"] > wait["1"] and wait["0"] > 0.5 * comm["0"]
+    (transfer,) = _query(prometheus, "mgpu_transfer_fraction")
+    assert float(transfer["value"][1]) < 0.5
+    assert "interconnect" not in server.log
 
 
 def test_every_dashboard_metric_is_exported(server: ServerProcess) -> None:

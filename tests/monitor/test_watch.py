@@ -24,12 +24,17 @@ class FakeRanks:
     def __init__(self) -> None:
         self.totals = {0: RankTiming(), 1: RankTiming()}
 
-    def advance(self, compute: tuple[float, float], comm: tuple[float, float]) -> None:
+    def advance(
+        self,
+        compute: tuple[float, float],
+        comm: tuple[float, float],
+        wait: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         for rank in (0, 1):
             t = self.totals[rank]
             step = compute[rank] + comm[rank]
             self.totals[rank] = RankTiming(
-                t.step_s + step, t.comm_s + comm[rank], 0.0, t.steps + 10
+                t.step_s + step, t.comm_s + comm[rank], 0.0, t.steps + 10, t.wait_s + wait[rank]
             )
 
     def __call__(self) -> dict[int, RankTiming]:
@@ -70,7 +75,25 @@ def test_an_even_split_with_a_busy_link_is_named_as_the_link() -> None:
         state = monitor.update(now=float(t))
     assert state.imbalance_ratio == pytest.approx(1.0)
     assert state.communication_fraction == pytest.approx(0.75)
+    assert state.transfer_fraction == pytest.approx(0.75)
     assert state.warning is not None and "interconnect" in state.warning
+
+
+def test_waiting_for_peers_is_not_named_as_the_link(caplog: pytest.LogCaptureFixture) -> None:
+    """CPU ranks sharing loaded cores: even compute, 75% of each step in collectives, but almost
+    all of it waiting for the other rank to be scheduled (the least-waiting rank moved data for
+    only a twelfth of it). That is jitter, not a slow interconnect: no warning."""
+    ranks = FakeRanks()
+    monitor = _monitor(ranks, imbalance_warn_after_s=2.0)
+    monitor.update(now=0.0)
+    with caplog.at_level(logging.WARNING, logger="mgpu.monitor"):
+        for t in range(1, 8):
+            ranks.advance(compute=(0.2, 0.2), comm=(0.6, 0.6), wait=(0.55, 0.55))
+            state = monitor.update(now=float(t))
+    assert state.communication_fraction == pytest.approx(0.75)
+    assert state.transfer_fraction == pytest.approx(0.0625)
+    assert state.warning is None and state.slow_link_since is None
+    assert not caplog.records
 
 
 def test_explanations_name_the_cause_and_the_change() -> None:
@@ -123,6 +146,8 @@ def test_view_parses_and_renders_a_scrape() -> None:
             'mgpu_device_compute_seconds_total{device="cuda:0",model_name="m",rank="0"} 3',
             'mgpu_device_communication_seconds_total{device="cuda:0",model_name="m",rank="0"} 1',
             'mgpu_device_imbalance_ratio{model_name="m"} 1.6',
+            'mgpu_communication_fraction{model_name="m"} 0.57',
+            'mgpu_transfer_fraction{model_name="m"} 0.06',
             'mgpu_imbalance_warning{model_name="m"} 1',
             'mgpu_num_requests_running{model_name="m"} 2',
             "",
@@ -132,7 +157,8 @@ def test_view_parses_and_renders_a_scrape() -> None:
     assert [(d["device"], d["rank"]) for d in snap.devices] == [("cuda:0", 0), ("cuda:1", 1)]
     assert snap.devices[0]["communication_share"] == pytest.approx(0.25)
     assert snap.imbalance_ratio == 1.6 and snap.warning
-    console = Console(width=120, record=True)
+    console = Console(width=200, record=True)
     console.print(render(snap))
     out = console.export_text()
     assert "UNEVEN RANKS" in out and "cuda:1" in out and "75% |  25%" in out
+    assert "in collectives 57% (moving data 6%)" in out and snap.transfer_fraction == 0.06

@@ -1,18 +1,31 @@
 """The collectives of the model, in one place (STYLE.md convention 2).
 
 Only the row-parallel linear, the vocab-parallel embedding, the LM head and the pipeline hand-off
-call
-these. Each is a no-op when its group has one rank. Each one that moves data is timed by this
-rank's :data:`~mgpu.monitor.timing.TIMER` (a clock read on either side).
+call these, and the worker calls :func:`gather_step_timings` once per step. Each is a no-op when
+its group has one rank. Each one that moves the model's data is timed by this rank's
+:data:`~mgpu.monitor.timing.TIMER` (a clock read on either side); the shared-memory ones also
+report how long they waited for a peer to arrive.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from mgpu.distributed import parallel_state as ps
+from mgpu.distributed.shm import ShmGroup
 from mgpu.monitor.timing import TIMER
+
+
+@torch.compiler.disable
+def _shm_timed(shm: ShmGroup, collective: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """Run ``collective``, one of ``shm``'s, on ``x`` and record how long it waited for peers."""
+    out = collective(x)
+    TIMER.waited(shm.last_wait_s)
+    return out
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +35,7 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     with TIMER.collective():
         shm = ps.get_tp_shm()
         if shm is not None and shm.fits(x):
-            return shm.all_reduce(x)
+            return _shm_timed(shm, shm.all_reduce, x)
         dist.all_reduce(x, group=ps.get_tp_group())
         return x
 
@@ -40,7 +53,7 @@ def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
     with TIMER.collective():
         shm = ps.get_tp_shm()
         if shm is not None and shm.fits(x):
-            return shm.gather_last_dim(x)
+            return _shm_timed(shm, shm.gather_last_dim, x)
         is_dst = ps.get_tp_rank() == 0
         parts = [torch.empty_like(x) for _ in range(tp)] if is_dst else None
         dist.gather(x, parts, dst=ps.tp_first_rank(), group=ps.get_tp_group())
@@ -62,3 +75,17 @@ def pp_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     with TIMER.collective():
         dist.recv(out, src=ps.pp_neighbour(-1), group=ps.get_pp_group())
     return out
+
+
+def gather_step_timings(x: torch.Tensor) -> tuple[dist.Work, list[torch.Tensor] | None]:
+    """Start gathering ``x`` (5,) float64, one rank's seconds in a step, onto the output rank.
+
+    Asynchronous, on the gloo timing group, so it never waits for a peer and never enters the
+    model's own groups (NCCL on GPUs). Returns the pending work and, on the output rank, the
+    (world_size,) list of tensors it fills in rank order. Not timed: it is not the model's.
+    """
+    group = ps.get_timing_group()
+    dst = ps.output_rank()
+    is_dst = dist.get_rank() == dst
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))] if is_dst else None
+    return dist.gather(x, parts, dst=dst, group=group, async_op=True), parts

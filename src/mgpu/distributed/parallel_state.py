@@ -12,6 +12,7 @@ Rank layout (TP innermost), worked example with 8 ranks = TP 2 x PP 4::
 
     TP groups: {0,1} {2,3} {4,5} {6,7}   (all-reduce inside a layer)
     PP groups: {0,2,4,6} {1,3,5,7}       (hidden states passed stage to stage)
+    timing group: {0..7}, always gloo     (step timings gathered onto rank 6, the output rank)
 
 Layers ask for the TP or PP group through the accessors below, never for the global group. With one
 rank and no ``torch.distributed`` initialised, every size is 1 and collectives are no-ops, so a
@@ -41,6 +42,7 @@ class _State:
     tp_ranks: tuple[int, ...] = (0,)
     pp_ranks: tuple[int, ...] = (0,)
     tp_shm: ShmGroup | None = None
+    timing_group: dist.ProcessGroup | None = None
 
 
 _STATE = _State()
@@ -91,6 +93,9 @@ def init_distributed(
         group = dist.new_group(ranks)
         if rank in ranks:
             state.pp_group, state.pp_ranks, state.pp_rank = group, tuple(ranks), ranks.index(rank)
+    if world_size > 1:
+        # CPU tensors on every backend: the monitor's timing gathers never touch the device.
+        state.timing_group = dist.new_group(list(range(world_size)), backend="gloo")
     if tp_shm_buffers is not None and tp_size > 1:
         state.tp_shm = ShmGroup(state.tp_rank, *tp_shm_buffers)
     global _STATE
@@ -148,3 +153,13 @@ def pp_neighbour(offset: int) -> int:
 def tp_first_rank() -> int:
     """Global rank of TP rank 0 in this rank's TP group (the destination of gathers)."""
     return _STATE.tp_ranks[0]
+
+
+def output_rank() -> int:
+    """Global rank that samples and replies to steps: TP rank 0 of the last pipeline stage."""
+    return (_STATE.pp_size - 1) * _STATE.tp_size
+
+
+def get_timing_group() -> dist.ProcessGroup | None:
+    """The gloo group of all ranks that carries step timings (None with one rank)."""
+    return _STATE.timing_group

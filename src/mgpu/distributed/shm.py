@@ -108,6 +108,8 @@ class ShmGroup:
         self.size = flags.numel()
         self.slot_bytes = data.shape[-1]
         self.calls = 0
+        #: Seconds the last collective spun waiting for a peer to publish its part.
+        self.last_wait_s = 0.0
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether ``x`` fits one slot (larger tensors go through gloo)."""
@@ -127,6 +129,7 @@ class ShmGroup:
                 os.sched_yield()  # a peer may share this core: let it run
                 if spins % 4096 == 0 and time.monotonic() - start > _TIMEOUT_S:
                     raise RuntimeError("shared-memory collective timed out: a peer rank is stuck")
+        self.last_wait_s = time.monotonic() - start
         return slots[:, :nbytes].view(x.dtype)  # (size, numel)
 
     # The spin-wait is host code that torch.compile cannot trace: compiled graphs call it eagerly.

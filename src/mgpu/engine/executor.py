@@ -3,15 +3,21 @@
 ::
 
     Executor (engine process, control rank 0)
-       │ submit(): one broadcast of ("call", step_id, method, args, reply_all)
+       │ submit(): one broadcast of ("call", step_id, method, args, reply_all, gather_timings)
        ▼
     rank 0 … rank N-1 (``python -m mgpu.engine.worker``, here or on other nodes)
-       │ the output rank (or every rank, for ``call_all``) sends (step_id, result)
+       │ the output rank (or every rank, for ``call_all``) sends (step_id, result, timings)
        ▼
     receiver thread ──► replies queue ──► collect() (oldest step first)
+                   └──► every rank's step timings (``rank_timings``, read by the monitor)
 
 Several steps may be in flight: each worker serves messages in order and pipeline stages hand
 hidden states on asynchronously, so with ``pp_size`` steps outstanding every stage is busy.
+
+The output rank's step replies carry every rank's cumulative step timings (gathered onto it by
+:class:`~mgpu.monitor.timing.TimingExchange` after the steps the executor marks, one every
+:data:`TIMING_EVERY_S`), so the monitor's numbers cost no message of their own and cover ranks on
+other nodes alike.
 
 Liveness is watched in every wait: local workers by their process status, every rank by the
 errors it writes to the rendezvous store and by its heartbeat there (ranks on other nodes). A dead
@@ -54,6 +60,9 @@ logger = logging.getLogger("mgpu.executor")
 POLL_S = 0.02
 #: Seconds between two checks of the store (errors, heartbeats).
 STORE_POLL_S = 0.2
+#: Seconds between two steps whose timings every rank gathers onto the output rank: ten times
+#: the monitor's default sampling rate, at a fraction of a millisecond of host time each.
+TIMING_EVERY_S = 0.1
 
 
 def cpu_shares(world_size: int, reserved: int | None = None) -> list[list[int]]:
@@ -228,8 +237,9 @@ class Executor:
         launch_config: device, dtype, KV-cache settings and rendezvous.
 
     Threading: ``submit``, ``collect`` and ``call_all`` are called by one thread at a time (the
-    engine's, under its lock). The receiver thread only receives; ``_store_lock`` guards the store
-    client, which the caller's thread and the clean-up thread share.
+    engine's, under its lock). The receiver thread only receives, and replaces the timings dict
+    whole; ``_store_lock`` guards the store client, which the caller's thread and the clean-up
+    thread share.
     """
 
     def __init__(
@@ -277,6 +287,8 @@ class Executor:
         self._expected: queue.Queue[tuple[int, list[int], bool] | None] = queue.Queue()
         self._replies: queue.Queue[tuple[int, Any] | BaseException] = queue.Queue()
         self._outstanding: deque[int] = deque()
+        self._timings: dict[int, RankTiming] = {}
+        self._last_timing_gather = 0.0
         self._heartbeats: dict[int, tuple[int, float]] = {}
         self._last_store_poll = 0.0
         # Heartbeats count only once every rank has loaded: imports hold the GIL for seconds.
@@ -368,18 +380,10 @@ class Executor:
                 )
 
     def rank_timings(self) -> dict[int, RankTiming]:
-        """Each rank's cumulative step timings, as its heartbeat last published them (ranks that
-        have not published yet are left out). Callable from any thread."""
-        out = {}
-        with self._store_lock:
-            if self._closed:
-                return out
-            for rank in range(self.world_size):
-                key = f"timing/{rank}"
-                with contextlib.suppress(Exception):
-                    if self._store.check([key]):
-                        out[rank] = RankTiming.decode(self._store.get(key))
-        return out
+        """Each rank's cumulative step timings, as the latest step reply carried them (up to
+        :data:`TIMING_EVERY_S` and a step or two behind; empty before the first gather arrives).
+        Callable from any thread."""
+        return dict(self._timings)
 
     def _fail(self, message: str, exc: BaseException | None = None) -> None:
         """Record the failure, stop every rank in the background, raise."""
@@ -426,11 +430,13 @@ class Executor:
             except BaseException as exc:  # a peer died; collect() reports which one
                 self._replies.put(exc)
                 return
-            for (got, _), r in zip(replies, ranks, strict=True):
+            for (got, _, timings), r in zip(replies, ranks, strict=True):
                 if got != step_id:
                     self._replies.put(RuntimeError(f"rank {r} answered step {got}, not {step_id}"))
                     return
-            values = [value for _, value in replies]
+                if timings is not None:
+                    self._timings = dict(enumerate(timings))
+            values = [value for _, value, _ in replies]
             self._replies.put((step_id, values if reply_all else values[0]))
 
     def submit(self, method: str, *args: Any, reply_all: bool = False) -> int:
@@ -443,8 +449,11 @@ class Executor:
         """
         self._check()
         step_id = next(self._ids)
+        gather_timings = False
+        if method == "execute" and time.monotonic() - self._last_timing_gather >= TIMING_EVERY_S:
+            gather_timings, self._last_timing_gather = True, time.monotonic()
         try:
-            self.control.post(("call", step_id, method, args, reply_all))
+            self.control.post(("call", step_id, method, args, reply_all, gather_timings))
         except Exception as exc:
             self._check_store(force=True)
             self._fail(f"cannot reach the workers: {exc}")

@@ -7,13 +7,20 @@ notebooks all work. The worker then:
 1. connects to the engine's rendezvous store and joins the control group
    (:mod:`mgpu.distributed.control`) and the model's process groups;
 2. builds its :class:`~mgpu.engine.model_runner.ModelRunner` and replies with its report;
-3. serves control messages ``("call", step_id, method, args, reply_all)`` in order: it calls
-   ``ModelRunner.method(*args)`` and replies ``(step_id, result)`` when ``reply_all`` is true or,
-   for ``execute``, when it is the output rank. ``("shutdown",)`` ends it.
+3. serves control messages ``("call", step_id, method, args, reply_all, gather_timings)`` in
+   order: it calls ``ModelRunner.method(*args)`` and replies ``(step_id, result, timings)`` when
+   ``reply_all`` is true or, for ``execute``, when it is the output rank. ``("shutdown",)`` ends
+   it.
+
+Step timings travel with the replies: after an ``execute`` whose message says ``gather_timings``
+every rank hands its seconds since the last such step to a
+:class:`~mgpu.monitor.timing.TimingExchange`, which gathers them onto the output rank, and the
+output rank's reply carries every rank's totals when they have changed (``timings``, else None).
 
 Liveness: a thread bumps ``heartbeat/<rank>`` in the store every :data:`HEARTBEAT_S` and ends the
 process when the store says ``shutdown`` or can no longer be reached. An exception is written to
-``error/<rank>`` in the store (the engine watches it) and the worker exits with status 1.
+``error/<rank>`` in the store (the engine watches it) and the worker exits with status 1. The store
+carries nothing else.
 """
 
 from __future__ import annotations
@@ -129,17 +136,13 @@ def _die_with_parent(parent_pid: int, spawned_by_main_thread: bool) -> None:
 
 
 def _heartbeat(host: str, port: int, rank: int) -> None:
-    """Bump this rank's heartbeat and publish its step timings (``timing/<rank>``, read by the
-    monitor); exit when the engine says so or its store is gone."""
+    """Bump this rank's heartbeat; exit when the engine says so or its store is gone."""
     import torch.distributed as dist
-
-    from mgpu.monitor.timing import TIMER
 
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
         while True:
             store.add(f"heartbeat/{rank}", 1)
-            store.set(f"timing/{rank}", TIMER.snapshot().encode())
             if store.check([SHUTDOWN_KEY]):
                 os._exit(0)
             time.sleep(HEARTBEAT_S)
@@ -190,9 +193,11 @@ def _serve(init: WorkerInit, store: Any) -> None:
     tqdm.set_lock(threading.RLock())
 
     from mgpu.config import parse_dtype
+    from mgpu.distributed.communication import gather_step_timings
     from mgpu.distributed.control import ControlPlane
     from mgpu.distributed.parallel_state import destroy_distributed, init_distributed
     from mgpu.engine.model_runner import ModelRunner
+    from mgpu.monitor.timing import TIMER, TimingExchange
 
     if init.cpu_ids:
         os.sched_setaffinity(0, init.cpu_ids)
@@ -226,16 +231,20 @@ def _serve(init: WorkerInit, store: Any) -> None:
         init.compile_decode,
         init.quantization,
     )
-    control.reply((-1, runner.report()))
+    exchange = TimingExchange(TIMER, world, runner.is_output_rank, gather_step_timings)
+    control.reply((-1, runner.report(), None))
     try:
         while True:
             message = control.next_message()
             if message[0] == "shutdown":
+                exchange.finish()
                 return
-            _, step_id, method, args, reply_all = message
+            _, step_id, method, args, reply_all, gather_timings = message
             result = getattr(runner, method)(*args)
+            # Every rank runs every step in the same order, with the same flag: the gathers pair.
+            timings = exchange.after_step(gather_timings) if method == "execute" else None
             if reply_all or (method == "execute" and runner.is_output_rank):
-                control.reply((step_id, result))
+                control.reply((step_id, result, timings))
     finally:
         runner.finish_sends()
         destroy_distributed()

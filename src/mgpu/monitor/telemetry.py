@@ -2,7 +2,8 @@
 
 On NVIDIA GPUs the numbers come from NVML (``nvidia-ml-py``, the ``gpu`` extra): utilisation,
 memory used and total (a rank's memory is its device's, not the host process's), temperature,
-power, SM clock, throttle reasons and PCIe throughput where the driver reports them. For CPU
+power, SM clock, throttle reasons, PCIe throughput and NVLink traffic where the driver reports
+them. For CPU
 workers they come from ``psutil``: each worker process's CPU utilisation (over the cores it is
 pinned to) and resident memory against the host's.
 
@@ -42,6 +43,10 @@ class DeviceSample:
         pcie_tx_bytes_per_s: PCIe transmit throughput (NVML only).
         pcie_rx_bytes_per_s: PCIe receive throughput (NVML only).
         pid: the worker process, when known.
+        nvlink_tx_bytes: NVLink data transmitted over all the device's links since the driver
+            loaded (NVML only, where the driver reports it; a counter: rates come from two
+            samples).
+        nvlink_rx_bytes: NVLink data received, likewise.
     """
 
     rank: int
@@ -56,6 +61,8 @@ class DeviceSample:
     pcie_tx_bytes_per_s: float | None = None
     pcie_rx_bytes_per_s: float | None = None
     pid: int | None = None
+    nvlink_tx_bytes: int | None = None
+    nvlink_rx_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The sample as plain JSON-able data."""
@@ -91,6 +98,34 @@ def _optional(fn: Callable[[], Any]) -> Any:
         return None
 
 
+#: ``scopeId`` of an NVML field summed over all of a device's NVLinks.
+_ALL_LINKS = 0xFFFFFFFF
+#: Attribute of ``c_nvmlValue_t`` for each ``NVML_VALUE_TYPE_*``.
+_VALUE_ATTRS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal"}
+
+
+def _nvlink_bytes(nv: Any, handle: Any) -> tuple[int | None, int | None]:
+    """(transmitted, received) NVLink data bytes of a device over all its links, or None each.
+
+    NVML's ``NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX/RX`` fields are cumulative KiB counters, read
+    here with the scope of all links; a device without NVLink, or a driver without the fields,
+    answers with an error per field (or for the call), and the counters are then None.
+    """
+    fields = [
+        (nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, _ALL_LINKS),
+        (nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, _ALL_LINKS),
+    ]
+    values = _optional(lambda: nv.nvmlDeviceGetFieldValues(handle, fields))
+    if values is None:
+        return None, None
+    out = []
+    for v in values:
+        attr = _VALUE_ATTRS.get(int(v.valueType))
+        ok = v.nvmlReturn == nv.NVML_SUCCESS and attr is not None
+        out.append(int(getattr(v.value, attr)) * 1024 if ok else None)  # KiB -> bytes
+    return out[0], out[1]
+
+
 class NvmlReader:
     """Reads NVIDIA devices through NVML.
 
@@ -114,6 +149,7 @@ class NvmlReader:
         throttle = _optional(lambda: int(nv.nvmlDeviceGetCurrentClocksThrottleReasons(h)))
         tx = _optional(lambda: nv.nvmlDeviceGetPcieThroughput(h, nv.NVML_PCIE_UTIL_TX_BYTES))
         rx = _optional(lambda: nv.nvmlDeviceGetPcieThroughput(h, nv.NVML_PCIE_UTIL_RX_BYTES))
+        nvlink_tx, nvlink_rx = _nvlink_bytes(nv, h)
         return DeviceSample(
             rank=rank,
             device=f"cuda:{cuda_index}",
@@ -129,6 +165,8 @@ class NvmlReader:
             pcie_tx_bytes_per_s=None if tx is None else tx * 1024.0,  # NVML reports KB/s
             pcie_rx_bytes_per_s=None if rx is None else rx * 1024.0,
             pid=pid,
+            nvlink_tx_bytes=nvlink_tx,
+            nvlink_rx_bytes=nvlink_rx,
         )
 
 

@@ -1,9 +1,10 @@
 """``mgpu monitor``: a live terminal view of a server's devices and ranks, like ``nvidia-smi dmon``.
 
-One row per device and rank: utilisation bar, memory, temperature, power, and the rank's split
-of step time between compute and collectives; the imbalance ratio and communication fraction on
-top, highlighted while the server's imbalance warning stands. With ``--url`` the numbers come from
-the server's ``/metrics``; without it, from this host's devices (NVML, else the CPU as a whole).
+One row per device and rank: utilisation bar, memory, temperature, power, NVLink traffic (where
+NVML reports it), and the rank's split of step time between compute and collectives; the
+imbalance ratio and communication fraction on top, highlighted while the server's imbalance
+warning stands. With ``--url`` the numbers come from the server's ``/metrics``; without it, from
+this host's devices (NVML, else the CPU as a whole).
 ``--once --json`` prints one snapshot for scripts.
 """
 
@@ -34,6 +35,8 @@ _DEVICE_GAUGES = {
     "mgpu_device_power_watts": "power_watts",
     "mgpu_device_compute_seconds_total": "compute_seconds",
     "mgpu_device_communication_seconds_total": "communication_seconds",
+    "mgpu_device_nvlink_tx_bytes_total": "nvlink_tx_bytes",
+    "mgpu_device_nvlink_rx_bytes_total": "nvlink_rx_bytes",
 }
 
 
@@ -44,19 +47,25 @@ class Snapshot:
     Args:
         source: the server's URL, or ``local``.
         devices: one dict per device and rank (keys of :data:`_DEVICE_GAUGES` plus ``device``,
-            ``rank`` and ``communication_share``).
+            ``rank``, ``communication_share`` and, once two snapshots are apart,
+            ``nvlink_bytes_per_s``).
         imbalance_ratio: slowest rank's compute over the mean (None locally).
         communication_fraction: share of step time in collectives (None locally).
+        transfer_fraction: share of step time moving data in collectives, waits for slower peers
+            left out (None locally).
         warning: whether the server's imbalance warning stands.
         requests: running and waiting sequences (empty locally).
+        taken_at: monotonic time of the snapshot.
     """
 
     source: str
     devices: list[dict[str, Any]] = field(default_factory=list)
     imbalance_ratio: float | None = None
     communication_fraction: float | None = None
+    transfer_fraction: float | None = None
     warning: bool = False
     requests: dict[str, float] = field(default_factory=dict)
+    taken_at: float = field(default_factory=time.monotonic)
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as JSON-able data."""
@@ -65,6 +74,7 @@ class Snapshot:
             "devices": self.devices,
             "imbalance_ratio": self.imbalance_ratio,
             "communication_fraction": self.communication_fraction,
+            "transfer_fraction": self.transfer_fraction,
             "imbalance_warning": self.warning,
             "requests": self.requests,
         }
@@ -90,6 +100,8 @@ def parse_metrics(text: str, source: str) -> Snapshot:
                 snap.imbalance_ratio = value
             elif name == "mgpu_communication_fraction":
                 snap.communication_fraction = value
+            elif name == "mgpu_transfer_fraction":
+                snap.transfer_fraction = value
             elif name == "mgpu_imbalance_warning":
                 snap.warning = value > 0
             elif name in ("mgpu_num_requests_running", "mgpu_num_requests_waiting"):
@@ -117,13 +129,24 @@ def fetch(url: str | None, timeout_s: float = 10.0) -> Snapshot:
 
 
 def _since(now: Snapshot, before: Snapshot | None) -> Snapshot:
-    """``now`` with each rank's communication share over the time since ``before``."""
+    """``now`` with each rank's communication share and NVLink traffic over the time since
+    ``before``."""
     if before is None:
         return now
     old = {(r["device"], r["rank"]): r for r in before.devices}
+    seconds = now.taken_at - before.taken_at
     for row in now.devices:
         prev = old.get((row["device"], row["rank"]))
-        if prev is None or "compute_seconds" not in row or "compute_seconds" not in prev:
+        if prev is None:
+            continue
+        moved = [
+            row[k] - prev[k]
+            for k in ("nvlink_tx_bytes", "nvlink_rx_bytes")
+            if row.get(k) is not None and prev.get(k) is not None
+        ]
+        if moved and seconds > 0:
+            row["nvlink_bytes_per_s"] = sum(moved) / seconds
+        if "compute_seconds" not in row or "compute_seconds" not in prev:
             continue
         compute = row["compute_seconds"] - prev["compute_seconds"]
         comm = row.get("communication_seconds", 0.0) - prev.get("communication_seconds", 0.0)
@@ -171,14 +194,18 @@ def render(snap: Snapshot, threshold: float = MonitorConfig.imbalance_threshold)
             header += Text("  UNEVEN RANKS (see the server log)", style="bold red")
     if snap.communication_fraction is not None:
         header += Text(f"   in collectives {snap.communication_fraction:.0%}")
+        if snap.transfer_fraction is not None:
+            header += Text(f" (moving data {snap.transfer_fraction:.0%})")
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("rank", "device", "util", "mem GiB", "temp C", "power W", "compute | comm"):
+    columns = ("rank", "device", "util", "mem GiB", "temp C", "power W", "NVLink GB/s")
+    for column in (*columns, "compute | comm"):
         justify = "left" if column in ("device", "util") else "right"
         table.add_column(column, justify=justify, no_wrap=True)
     for row in snap.devices:
         share = row.get("communication_share")
         split = "-" if share is None else f"{1 - share:4.0%} | {share:4.0%}"
         temp, power = row.get("temperature_celsius"), row.get("power_watts")
+        nvlink = row.get("nvlink_bytes_per_s")
         table.add_row(
             "-" if row["rank"] < 0 else str(row["rank"]),
             row["device"],
@@ -186,6 +213,7 @@ def render(snap: Snapshot, threshold: float = MonitorConfig.imbalance_threshold)
             f"{_bytes(row.get('memory_used_bytes'))} / {_bytes(row.get('memory_total_bytes'))}",
             "-" if temp is None else f"{temp:.0f}",
             "-" if power is None else f"{power:.0f}",
+            "-" if nvlink is None else f"{nvlink / 1e9:.1f}",
             split,
         )
     return Group(header, table)

@@ -3,13 +3,17 @@ warning.
 
 A thread of the server process wakes every ``interval_s``: it samples the devices
 (:mod:`mgpu.monitor.telemetry`), reads each rank's cumulative step timings
-(:mod:`mgpu.monitor.timing`, published by the workers' heartbeats), and turns the timings of the
-last ``window_s`` into per-rank compute and communication rates, the imbalance ratio and the
-communication fraction. ``/metrics`` and ``mgpu monitor`` read its latest :class:`MonitorState`.
+(:mod:`mgpu.monitor.timing`, carried by the step replies), and turns the timings of the last
+``window_s`` into per-rank compute and communication rates, the imbalance ratio, the
+communication fraction and the transfer fraction. ``/metrics`` and ``mgpu monitor`` read its
+latest :class:`MonitorState`.
 
 When the imbalance ratio stays above ``imbalance_threshold`` for ``warn_after_s`` the monitor logs
 one warning naming the likely cause and the layout change to try, so a user without Prometheus
-sees it too; it warns again only after the ratio has come back under the threshold.
+sees it too; it warns again only after the ratio has come back under the threshold. When the ranks
+are even but moving data takes most of each step (the transfer fraction: time in collectives less
+the waiting for slower peers, which is imbalance or jitter and no fault of the link), it names the
+interconnect instead.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from mgpu.monitor.timing import (
     RankWindow,
     communication_fraction,
     imbalance_ratio,
+    transfer_fraction,
     window,
 )
 
 logger = logging.getLogger("mgpu.monitor")
 
-#: A communication fraction above this, with the ranks even, points at the interconnect.
+#: A transfer fraction (collective time less waiting for peers, over step time) above this, with
+#: the ranks even, points at the interconnect.
 SLOW_LINK_FRACTION = 0.5
 
 
@@ -109,9 +115,11 @@ class MonitorState:
         imbalance_ratio: slowest rank's compute over the mean, over the window.
         communication_fraction: share of step time in collectives, over the window.
         imbalance_since: monotonic time the ratio went above the threshold, None while under it.
-        slow_link_since: monotonic time the communication fraction went above
+        slow_link_since: monotonic time the transfer fraction went above
             :data:`SLOW_LINK_FRACTION` with the ranks even, None while not.
         warning: the imbalance (or slow-link) warning while it stands, else None.
+        transfer_fraction: share of step time moving data in collectives (waiting for peers
+            left out), over the window.
     """
 
     devices: list[DeviceSample] = field(default_factory=list)
@@ -122,6 +130,7 @@ class MonitorState:
     imbalance_since: float | None = None
     slow_link_since: float | None = None
     warning: str | None = None
+    transfer_fraction: float = 0.0
 
 
 def explain_imbalance(
@@ -166,9 +175,10 @@ def explain_imbalance(
 
 
 def explain_slow_link(fraction: float, tp_size: int) -> str:
-    """The warning for ranks that are even but spend most of a step in collectives."""
+    """The warning for ranks that are even but spend most of a step moving data in collectives."""
     return (
-        f"ranks spend {fraction:.0%} of each step in collectives: the interconnect is likely "
+        f"ranks spend {fraction:.0%} of each step moving data in collectives (not counting "
+        "waits for slower peers): the interconnect is likely "
         f"too slow for tensor parallelism over {tp_size} ranks; try --pipeline-parallel-size "
         "(one hand-off per stage instead of two all-reduces per layer) or fewer TP ranks"
     )
@@ -179,7 +189,8 @@ class EngineMonitor:
 
     Args:
         config: intervals and thresholds.
-        read_timings: returns every rank's cumulative timings (``Executor.rank_timings``).
+        read_timings: returns every rank's cumulative timings (``Executor.rank_timings``, fed
+            by the step replies).
         sampler: samples the local ranks' devices, or None for no device telemetry.
         tp_size: tensor-parallel size of the engine's layout.
         pp_size: pipeline-parallel size.
@@ -223,6 +234,7 @@ class EngineMonitor:
         active = [w for w in windows if w.steps > 0]
         ratio = imbalance_ratio(active) if len(active) > 1 else 1.0
         fraction = communication_fraction(active)
+        transfer = transfer_fraction(active)
         previous = self.state
         since, link_since, warning = None, None, previous.warning
         if ratio > self.config.imbalance_threshold:
@@ -236,16 +248,16 @@ class EngineMonitor:
                     now - since,
                     warning,
                 )
-        elif fraction > SLOW_LINK_FRACTION and len(active) > 1:
+        elif transfer > SLOW_LINK_FRACTION and len(active) > 1:
             link_since = now if previous.slow_link_since is None else previous.slow_link_since
             if warning is None and now - link_since >= self.config.imbalance_warn_after_s:
-                warning = explain_slow_link(fraction, self.tp_size)
+                warning = explain_slow_link(transfer, self.tp_size)
                 logger.warning("%s", warning)
         elif warning is not None:
             logger.info("imbalance ratio back to %.2f, communication %.0f%%", ratio, fraction * 100)
             warning = None
         self.state = MonitorState(
-            devices, windows, totals, ratio, fraction, since, link_since, warning
+            devices, windows, totals, ratio, fraction, since, link_since, warning, transfer
         )
         return self.state
 
@@ -275,5 +287,6 @@ class EngineMonitor:
             "ranks": [dataclasses.asdict(w) for w in s.windows],
             "imbalance_ratio": s.imbalance_ratio,
             "communication_fraction": s.communication_fraction,
+            "transfer_fraction": s.transfer_fraction,
             "warning": s.warning,
         }

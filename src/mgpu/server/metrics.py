@@ -2,8 +2,8 @@
 
 Request metrics take the names vLLM gives them, under the ``mgpu_`` prefix (``vllm:x`` becomes
 ``mgpu_x``; the table is in ``docs/serving.md``), so a vLLM dashboard ports by renaming the
-prefix. Per-device series carry ``device`` and ``rank`` labels; ``mgpu_device_imbalance_ratio``
-and ``mgpu_communication_fraction`` come from the ranks' own step timings
+prefix. Per-device series carry ``device`` and ``rank`` labels; ``mgpu_device_imbalance_ratio``,
+``mgpu_communication_fraction`` and ``mgpu_transfer_fraction`` come from the ranks' own step timings
 (:mod:`mgpu.monitor.timing`). Base units (seconds, bytes, a 0..1 ratio), ``_total`` on counters,
 histograms for latencies.
 
@@ -262,15 +262,28 @@ class _EngineCollector(Collector):
                 "PCIe receive throughput (NVML).",
             ),
         }
+        nvlink = {
+            "nvlink_tx_bytes": CounterMetricFamily(
+                "mgpu_device_nvlink_tx_bytes",
+                "NVLink data transmitted over all the device's links (NVML, where reported).",
+                labels=labels,
+            ),
+            "nvlink_rx_bytes": CounterMetricFamily(
+                "mgpu_device_nvlink_rx_bytes",
+                "NVLink data received over all the device's links (NVML, where reported).",
+                labels=labels,
+            ),
+        }
         for sample in state.devices:
             values = sample.to_dict()
             key = [name, reports.get(sample.rank, sample.device), str(sample.rank)]
-            for field_name, fam in gauges.items():
+            for field_name, fam in [*gauges.items(), *nvlink.items()]:
                 value = values[field_name]
                 if value is not None:
                     scale = 1e6 if field_name == "sm_clock_mhz" else 1.0
                     fam.add_metric(key, float(value) * scale)
         yield from gauges.values()
+        yield from nvlink.values()
 
         up = GaugeMetricFamily(
             "mgpu_rank_up", "1 while the rank's worker runs (0: down).", labels=labels
@@ -288,6 +301,10 @@ class _EngineCollector(Collector):
                 "mgpu_device_communication_seconds",
                 "Seconds the rank spent in collectives (all-reduce, gather, send/recv).",
             ),
+            "wait_s": (
+                "mgpu_device_collective_wait_seconds",
+                "Part of the communication seconds spent waiting for a slower peer or stage.",
+            ),
             "idle_s": ("mgpu_device_idle_seconds", "Seconds the rank waited between steps."),
             "steps": ("mgpu_device_steps", "Steps the rank ran."),
         }
@@ -296,6 +313,7 @@ class _EngineCollector(Collector):
             key = [name, reports.get(rank, "?"), str(rank)]
             families["compute_s"].add_metric(key, timing.compute_s)
             families["comm_s"].add_metric(key, timing.comm_s)
+            families["wait_s"].add_metric(key, timing.wait_s)
             families["idle_s"].add_metric(key, timing.idle_s)
             families["steps"].add_metric(key, timing.steps)
         yield from families.values()
@@ -314,6 +332,14 @@ class _EngineCollector(Collector):
         )
         fraction.add_metric([name], state.communication_fraction)
         yield fraction
+        transfer = GaugeMetricFamily(
+            "mgpu_transfer_fraction",
+            "Share of the ranks' step time moving data in collectives, waits for slower peers "
+            "left out (what a slow interconnect raises), over the monitor's window.",
+            labels=["model_name"],
+        )
+        transfer.add_metric([name], state.transfer_fraction)
+        yield transfer
         warn = GaugeMetricFamily(
             "mgpu_imbalance_warning",
             "1 while the server's imbalance or slow-link warning stands.",
