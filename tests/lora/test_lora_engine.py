@@ -1,0 +1,50 @@
+"""Served adapters give peft's greedy text, alone and mixed in one batch, at TP 1 and 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mgpu import LLM, SamplingParams
+from tests.lora.conftest import MAX_TOKENS, PROMPTS
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def _llm(adapters: dict[str, Path], tp: int, **kwargs: object) -> LLM:
+    modules = [f"{name}={path}" for name, path in adapters.items()]
+    return LLM(
+        tensor_parallel_size=tp,
+        device="cpu",
+        dtype="float32",
+        max_model_len=64,
+        enable_lora=True,
+        lora_modules=modules,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_adapter_matches_peft(
+    adapters: dict[str, Path], references: dict[str | None, list[list[int]]], tp: int
+) -> None:
+    with _llm(adapters, tp, max_loras=2) as llm:
+        for name in [*adapters, None]:
+            outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=name)
+            assert [list(o.outputs[0].token_ids) for o in outs] == references[name], name
+
+
+@pytest.mark.parametrize("max_loras", [1, 2])
+def test_mixed_batch_gives_each_request_its_model(
+    adapters: dict[str, Path], references: dict[str | None, list[list[int]]], max_loras: int
+) -> None:
+    """Two adapters and the base model in one batch (max_loras 2), or taking turns in one slot."""
+    names: list[str | None] = [*adapters, None]
+    assert len({str(references[n]) for n in names}) == len(names), "adapters must change the text"
+    prompts = [p for p in PROMPTS for _ in names]
+    loras = [n for _ in PROMPTS for n in names]
+    with _llm(adapters, 1, max_loras=max_loras) as llm:
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)
+    for i, (out, name) in enumerate(zip(outs, loras, strict=True)):
+        assert list(out.outputs[0].token_ids) == references[name][i // len(names)], name
