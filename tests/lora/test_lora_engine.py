@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mgpu import LLM, SamplingParams
+from mgpu.engine.llm_engine import UnknownAdapterError
 from tests.lora.conftest import MAX_TOKENS, PROMPTS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -33,6 +34,8 @@ def test_adapter_matches_peft(
         for name in [*adapters, None]:
             outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=name)
             assert [list(o.outputs[0].token_ids) for o in outs] == references[name], name
+        with pytest.raises(UnknownAdapterError, match=r"no LoRA adapter named 'nope'.*all, qv"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request="nope")
 
 
 @pytest.mark.parametrize("max_loras", [1, 2])

@@ -32,7 +32,7 @@ class SlotTable:
         needed = {a for a in adapter_ids if a}
         if len(needed) > len(self.slots):
             raise ValueError(
-                f"a batch uses {len(needed)} adapters but there are {len(self.slots)} slots"
+                f"a batch uses {len(needed)} adapters, more than {len(self.slots)} slots"
             )
         self._clock += 1
         for slot, held in enumerate(self.slots):
