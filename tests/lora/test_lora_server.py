@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +15,7 @@ from transformers import AutoTokenizer
 
 from mgpu.models.loader import demo_model_path
 from tests.lora.conftest import MAX_TOKENS, PROMPTS
-from tests.server.conftest import ServerProcess, stop_and_check
+from tests.server.conftest import REPO, ServerProcess, stop_and_check
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,21 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert isinstance(body, dict)
     assert body["code"] == "model_not_found" and body["param"] == "model"
     assert "'all'" in body["message"] and "'qv'" in body["message"]
+
+
+def test_adapter_above_max_lora_rank_stops_the_start(adapters: dict[str, Path]) -> None:
+    """Refused before any worker starts, with the flag to change."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "mgpu.serve", "--device", "cpu", "--port", "0"),
+            *("--enable-lora", "--max-lora-rank", "4", "--lora-modules", f"all={adapters['all']}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "LoRA adapter 'all'" in proc.stderr
+    assert "has rank 8, above --max-lora-rank 4" in proc.stderr
+    assert "Traceback" not in proc.stderr
