@@ -101,3 +101,15 @@ def test_adapter_above_max_lora_rank_stops_the_start(adapters: dict[str, Path]) 
     assert "LoRA adapter 'all'" in proc.stderr
     assert "has rank 8, above --max-lora-rank 4" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_streamed_chat_on_an_adapter(client: openai.OpenAI) -> None:
+    """The streaming path carries the adapter too: its text equals the non-streamed answer."""
+    messages = [{"role": "user", "content": "Hello"}]
+    kwargs = {"model": "qv", "messages": messages, "max_tokens": 8, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    base = client.chat.completions.create(**{**kwargs, "model": "demo"}).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert {c.model for c in chunks} == {"qv"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert whole != base
