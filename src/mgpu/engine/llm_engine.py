@@ -280,7 +280,10 @@ class LLMEngine:
         try:
             if self.lora_config is not None:
                 cfg = self.lora_config
-                self.executor.call_all("load_lora", adapters, cfg.max_loras, cfg.max_lora_rank)
+                slot_bytes = self.executor.call_all(
+                    "load_lora", adapters, cfg.max_loras, cfg.max_lora_rank
+                )
+                logger.info("LoRA slots: %.1f MiB on the largest rank", max(slot_bytes) / 2**20)
             self._init_cache()
         except BaseException:
             self.executor.shutdown()

@@ -144,8 +144,9 @@ class ModelRunner:
         )
 
     def param_bytes(self) -> int:
-        """Bytes of parameters this rank holds (tied parameters counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of parameters this rank holds (tied parameters counted once), LoRA slots too."""
+        lora = self.lora.slot_bytes() if self.lora is not None else 0
+        return lora + sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def report(self) -> RankReport:
         """Numbers for the engine's startup table and the per-rank memory test."""
