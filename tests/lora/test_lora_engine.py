@@ -55,3 +55,24 @@ def test_mixed_batch_gives_each_request_its_model(
         outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)
     for i, (out, name) in enumerate(zip(outs, loras, strict=True)):
         assert list(out.outputs[0].token_ids) == references[name][i // len(names)], name
+
+
+@pytest.mark.gpu
+def test_adapter_matches_peft_on_cuda(
+    adapters: dict[str, Path], references: dict[str | None, list[list[int]]]
+) -> None:
+    """The same comparison on a GPU (float32), all three models in one batch."""
+    names: list[str | None] = [*adapters, None]
+    prompts = [p for p in PROMPTS for _ in names]
+    loras = [n for _ in PROMPTS for n in names]
+    with LLM(
+        device="cuda",
+        dtype="float32",
+        max_model_len=64,
+        enable_lora=True,
+        max_loras=2,
+        lora_modules=[f"{name}={path}" for name, path in adapters.items()],
+    ) as llm:
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)
+    for i, (out, name) in enumerate(zip(outs, loras, strict=True)):
+        assert list(out.outputs[0].token_ids) == references[name][i // len(names)], name
