@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,7 +53,22 @@ def test_mixed_batch_gives_each_request_its_model(
     prompts = [p for p in PROMPTS for _ in names]
     loras = [n for _ in PROMPTS for n in names]
     with _llm(adapters, 1, max_loras=max_loras) as llm:
+        executor, steps = llm.engine.executor, []
+        submit = executor.submit
+
+        def recording_submit(method: str, *args: Any, **kwargs: Any) -> int:
+            if method == "execute":
+                steps.append({chunk.lora_id for chunk in args[0].chunks})
+            return submit(method, *args, **kwargs)
+
+        executor.submit = recording_submit  # type: ignore[method-assign]
         outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)
+    # Adapter ids 1, 2 and the base model 0: together in one step, or never both adapters at once.
+    if max_loras == 2:
+        assert {0, 1, 2} in steps
+    else:
+        assert not any({1, 2} <= ids for ids in steps)
+        assert {0, 1} in steps and any(2 in ids for ids in steps)
     for i, (out, name) in enumerate(zip(outs, loras, strict=True)):
         assert list(out.outputs[0].token_ids) == references[name][i // len(names)], name
 

@@ -117,15 +117,16 @@ def test_scheduler_puts_at_most_max_loras_adapters_in_a_batch() -> None:
         seq.lora_id = lora
         scheduler.add(seq)
     first = scheduler.schedule()
-    # Admission stops at the first sequence whose adapter would be a third one (adapter 3).
-    assert [s.seq.lora_id for s in first.scheduled] == [1, 0, 2]
+    # Adapter 3 would be a third one: its sequences are passed over and keep their place.
+    assert [s.seq.lora_id for s in first.scheduled] == [1, 0, 2, 1, 0]
+    assert [s.lora_id for s in scheduler.waiting] == [3, 3]
     for item in first.scheduled:
         item.seq.num_computed_tokens += item.num_tokens
         item.seq.output_token_ids.append(5)  # sampled: one token to feed next
     scheduler.finish(first.scheduled[2].seq)  # adapter 2's request is done
     second = scheduler.schedule()
     assert {s.seq.lora_id for s in second.scheduled} - {0} == {1, 3}
-    assert [s.seq.lora_id for s in second.scheduled] == [1, 0, 3, 1, 0, 3]
+    assert [s.seq.lora_id for s in second.scheduled] == [1, 0, 1, 0, 3, 3]
 
 
 def test_prefix_cache_is_per_adapter() -> None:

@@ -13,8 +13,8 @@ computed (seen at the next schedule, when the step that computed them has been c
 when a sequence finishes or is pre-empted.
 
 With LoRA, one batch uses at most ``max_loras`` distinct adapters (the base model does not count):
-a running sequence of another adapter waits for a later step, and admission stops at a waiting
-sequence whose adapter would be one too many.
+a running or waiting sequence of another adapter waits for a later step, and the sequences behind
+it go ahead (a waiting one keeps its place in the queue).
 """
 
 from __future__ import annotations
@@ -131,12 +131,15 @@ class Scheduler:
                 budget -= n
                 adapters.add(seq.lora_id)
         # Admit new work only when nothing had to be pre-empted: the cache is full otherwise.
+        # Sequences whose adapter would be one too many are passed over, keeping their place.
+        passed_over: list[Sequence] = []
         while self.waiting and not out.preempted and budget > 0:
             if len(self.running) >= self.config.max_num_seqs or len(out.scheduled) >= limit:
                 break
             seq = self.waiting[0]
             if not self._adapter_fits(seq, adapters):
-                break
+                passed_over.append(self.waiting.popleft())
+                continue
             hit = self.blocks.allocate_prefix(seq)
             seq.num_computed_tokens = hit
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -150,6 +153,7 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             adapters.add(seq.lora_id)
+        self.waiting.extendleft(reversed(passed_over))
         return out
 
     def _adapter_fits(self, seq: Sequence, adapters: set[int]) -> bool:
