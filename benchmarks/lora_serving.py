@@ -185,8 +185,8 @@ def main() -> None:
     lines += [f"| {t} | {m * 1e6:.0f} us | {g * 1e6:.0f} us |" for t, m, g in deltas]
     lines += [
         "",
-        "Base-model tokens skip the delta (a step without adapter tokens has no LoRA mapping);",
-        "adapter tokens pay two small matmuls per linear. When first recorded the machine was",
+        "A step without adapter tokens skips the delta (it has no LoRA mapping); a step with them",
+        "pays two small matmuls per linear. When first recorded the machine was",
         "shared and loaded (five jobs on two cores): there, differences between rows are within",
         "run-to-run noise; rerun on a quiet machine for numbers to compare.",
         end,
