@@ -223,6 +223,8 @@ def test_dora_is_refused(tmp_path: Path, demo_config: ModelConfig) -> None:
         _read(path, demo_config)
 
 
-def test_lora_modules_need_enable_lora(adapters: dict[str, Path]) -> None:
+def test_lora_modules_need_enable_lora_and_the_reverse(adapters: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="needs --enable-lora"):
         LLMEngine(device="cpu", lora_modules=[f"a={adapters['all']}"])
+    with pytest.raises(ConfigError, match="without --lora-modules would serve no adapter"):
+        LLMEngine(device="cpu", enable_lora=True)

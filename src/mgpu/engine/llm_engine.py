@@ -323,7 +323,12 @@ class LLMEngine:
             if modules:
                 raise ConfigError("--lora-modules needs --enable-lora (vLLM's rule)")
             return None, []
-        config = LoRAConfig([LoRAModule.parse(m) for m in modules or ()], max_loras, max_lora_rank)
+        if not modules:
+            raise ConfigError(
+                "--enable-lora without --lora-modules would serve no adapter: mgpu loads "
+                "adapters at start only (there is no runtime loading endpoint)"
+            )
+        config = LoRAConfig([LoRAModule.parse(m) for m in modules], max_loras, max_lora_rank)
         cls = model_class(self.model_config)
         name = str(model) if model is not None else str(self.model_path)
         adapters = [
