@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from mgpu.config import EngineArgs, ModelConfig, SchedulerConfig
+from mgpu.distributed import parallel_state as ps
 from mgpu.engine.block_manager import BlockManager
 from mgpu.engine.forward_context import (
     ForwardContext,
@@ -25,6 +26,7 @@ from mgpu.errors import ConfigError
 from mgpu.layers.linear import QKVParallelLinear, RowParallelLinear
 from mgpu.lora.adapter import LoRAError, LoRAModule, read_adapter
 from mgpu.lora.layers import LoRALayer
+from mgpu.lora.manager import shard_pair
 from mgpu.lora.slots import SlotTable
 from mgpu.models.llama import LlamaForCausalLM
 from mgpu.models.loader import demo_model_path
@@ -228,3 +230,48 @@ def test_lora_modules_need_enable_lora_and_the_reverse(adapters: dict[str, Path]
         LLMEngine(device="cpu", lora_modules=[f"a={adapters['all']}"])
     with pytest.raises(ConfigError, match="without --lora-modules would serve no adapter"):
         LLMEngine(device="cpu", enable_lora=True)
+
+
+def _as_rank(monkeypatch: pytest.MonkeyPatch, tp_size: int, tp_rank: int) -> None:
+    """Make layers built from now on take rank ``tp_rank``'s shard (no communication is used)."""
+    monkeypatch.setattr(ps, "_STATE", ps._State(tp_size=tp_size, tp_rank=tp_rank))
+
+
+def test_sharded_deltas_assemble_the_full_delta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TP 4 with 2 KV heads (each KV head on two ranks): every rank's column-parallel delta is its
+    rows of the full delta, and the row-parallel partial deltas sum to the full delta."""
+    torch.manual_seed(0)
+    tp, hidden, d, heads, kv_heads, rank = 4, 16, 4, 4, 2, 3
+    a_parts = [torch.randn(rank, hidden) for _ in range(3)]  # q, k, v: (r, in)
+    b_parts = [torch.randn(n, rank) for n in (heads * d, kv_heads * d, kv_heads * d)]  # (out, r)
+    a_row, b_row = torch.randn(rank, heads * d), torch.randn(hidden, rank)
+    x = torch.randn(5, hidden)  # (T, hidden)
+    x_row = torch.randn(5, heads * d)  # (T, heads * d), o_proj's input
+    mapping = _mapping([0] * 5)
+    full_qkv = [x @ a.T @ b.T * 0.5 for a, b in zip(a_parts, b_parts, strict=True)]
+    full_row = x_row @ a_row.T @ b_row.T * 0.5
+    row_sum = torch.zeros_like(full_row)
+    for r in range(tp):
+        _as_rank(monkeypatch, tp, r)
+        qkv = QKVParallelLinear(hidden, d, heads, kv_heads, bias=False)
+        assert qkv.kv_replicas == 2
+        lora = LoRALayer(qkv, S, R, torch.float32, torch.device("cpu"))
+        pairs = [
+            shard_pair(qkv, p, a, b) for p, (a, b) in enumerate(zip(a_parts, b_parts, strict=True))
+        ]
+        lora.set_slot(0, list(pairs), 0.5)
+        with set_forward_context(ForwardContext(None, mapping)):
+            local = lora(x, torch.zeros(5, sum(qkv.local_sizes)))  # (T, local q | k | v)
+        offset = 0
+        for p, n in enumerate(qkv.local_sizes):
+            _, start, rows = qkv.shard_rows(p)
+            expected = full_qkv[p][:, start : start + rows]
+            torch.testing.assert_close(local[:, offset : offset + n], expected)
+            offset += n
+        o_proj = RowParallelLinear(heads * d, hidden)
+        lora_row = LoRALayer(o_proj, S, R, torch.float32, torch.device("cpu"))
+        lora_row.set_slot(0, [shard_pair(o_proj, 0, a_row, b_row)], 0.5)
+        cols = slice(o_proj.input_start, o_proj.input_start + o_proj.local_input)
+        with set_forward_context(ForwardContext(None, mapping)):
+            row_sum += lora_row(x_row[:, cols], torch.zeros(5, hidden))
+    torch.testing.assert_close(row_sum, full_row)

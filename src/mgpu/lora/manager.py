@@ -66,7 +66,7 @@ class LoRAManager:
                     if local not in self.layers:
                         self.layers[local] = LoRALayer(base, max_loras, max_rank, dtype, device)
                         base.lora = self.layers[local]
-                    pair = _shard(base, part, f.get_slice(key_a), f.get_slice(key_b))
+                    pair = shard_pair(base, part, f.get_slice(key_a), f.get_slice(key_b))
                     shards.setdefault(local, [None] * len(base.output_sizes))[part] = pair
             self.host[adapter_id] = (shards, info.scaling)
         #: Adapter id in each slot (0: empty).
@@ -125,7 +125,9 @@ def _stage_name(model: nn.Module, global_name: str) -> str | None:
     return f"layers.{local}.{rest}" if 0 <= local < len(model.layers) else None
 
 
-def _shard(base: LinearBase, part: int, a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:
+def shard_pair(
+    base: LinearBase, part: int, a: object, b: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (A, B) of fused output ``part``, sharded like ``base`` (module docstring of
     :mod:`mgpu.lora.layers`); ``a`` (r, in) and ``b`` (out, r) are lazy safetensors slices."""
     if isinstance(base, RowParallelLinear):
