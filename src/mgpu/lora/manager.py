@@ -19,7 +19,7 @@ from torch import nn
 
 from mgpu.engine.forward_context import LoRAMapping
 from mgpu.engine.messages import StepInput
-from mgpu.layers.linear import LinearBase, RowParallelLinear
+from mgpu.layers.linear import LazyTensor, LinearBase, RowParallelLinear
 from mgpu.lora.adapter import WEIGHTS_FILE, AdapterInfo, LoRAError, lora_targets
 from mgpu.lora.layers import LoRALayer
 
@@ -126,10 +126,17 @@ def _stage_name(model: nn.Module, global_name: str) -> str | None:
 
 
 def shard_pair(
-    base: LinearBase, part: int, a: object, b: object
+    base: LinearBase, part: int, a: LazyTensor, b: LazyTensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (A, B) of fused output ``part``, sharded like ``base`` (module docstring of
-    :mod:`mgpu.lora.layers`); ``a`` (r, in) and ``b`` (out, r) are lazy safetensors slices."""
+    :mod:`mgpu.lora.layers`).
+
+    Args:
+        base: the wrapped linear.
+        part: its fused output (q, k, v or gate, up), 0 for an unfused one.
+        a: the full lora_A (r, in), read lazily (a safetensors slice) or a tensor.
+        b: the full lora_B (out, r), likewise.
+    """
     if isinstance(base, RowParallelLinear):
         cols = slice(base.input_start, base.input_start + base.local_input)
         return a[:, cols], b[:]  # (r, in_local), (out, r)
