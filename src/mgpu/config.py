@@ -556,6 +556,29 @@ class EngineArgs:
         "share the KV cache of equal prompt prefixes between requests (vLLM's automatic prefix "
         "caching; --no-enable-prefix-caching turns it off)",
     )
+    enable_lora: bool = _arg(
+        False, "serve LoRA adapters (--lora-modules) beside the base model", group="lora"
+    )
+    lora_modules: tuple[str, ...] | None = _arg(
+        None,
+        'adapters to serve, each name=DIR or JSON {"name": ..., "path": ...} (vLLM\'s forms): '
+        "a PEFT directory (adapter_config.json, adapter_model.safetensors) served under its name "
+        "in /v1/models and picked by a request's model field",
+        group="lora",
+        nargs="+",
+    )
+    max_loras: int = _arg(
+        1,
+        "adapters one batch may use at once: the LoRA slots held on each device (requests for "
+        "other adapters wait for a later step)",
+        group="lora",
+    )
+    max_lora_rank: int = _arg(
+        16,
+        "rank of every LoRA slot (bounds their memory); an adapter of a higher rank is refused "
+        "at start",
+        group="lora",
+    )
     disable_log_stats: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
     disable_log_requests: bool = _arg(False, "vLLM's flag (see the start-up line)", group="vllm")
 
@@ -575,6 +598,11 @@ class EngineArgs:
                 ) from None
         if split is not None:
             object.__setattr__(self, "layer_split", tuple(split))
+        modules = self.lora_modules
+        if isinstance(modules, str):
+            modules = (modules,)
+        if modules is not None:
+            object.__setattr__(self, "lora_modules", tuple(modules))
 
     @classmethod
     def add_cli_args(cls, parser: Any) -> None:
@@ -589,6 +617,7 @@ class EngineArgs:
         titles = {
             "engine": "model and layout",
             "nodes": "multi-node (every node runs the same command)",
+            "lora": "LoRA adapters (docs/serving.md)",
             "vllm": "vLLM compatibility",
         }
         groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
@@ -611,6 +640,7 @@ class EngineArgs:
                 type=convert,
                 default=f.default,
                 choices=meta.get("choices"),
+                nargs=meta.get("nargs"),
                 help=meta["help"],
             )
 
@@ -649,6 +679,10 @@ class EngineArgs:
             "nnodes": self.nnodes,
             "master_addr": self.master_addr,
             "master_port": self.master_port,
+            "enable_lora": self.enable_lora,
+            "lora_modules": self.lora_modules,
+            "max_loras": self.max_loras,
+            "max_lora_rank": self.max_lora_rank,
         }
 
     def ignored(self) -> str | None:

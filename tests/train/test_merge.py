@@ -84,3 +84,19 @@ def test_merged_model_served_by_mgpu_matches_peft(
     with LLM(str(merged), tensor_parallel_size=tp, device="cpu", dtype="float32") as llm:
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outs] == peft_greedy
+
+
+def test_trained_adapter_served_unmerged_matches_peft(
+    adapter: Path, peft_greedy: list[list[int]]
+) -> None:
+    """The train -> serve loop without merging: the adapter beside the base model at TP=2."""
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(
+        tensor_parallel_size=2,
+        device="cpu",
+        dtype="float32",
+        enable_lora=True,
+        lora_modules=[f"trained={adapter}"],
+    ) as llm:
+        outs = llm.generate(PROMPTS, params, use_tqdm=False, lora_request="trained")
+    assert [list(o.outputs[0].token_ids) for o in outs] == peft_greedy

@@ -140,7 +140,7 @@ class BlockManager:
         assert not seq.block_table, "allocate_prefix needs a sequence without blocks"
         tokens, bs = seq.all_token_ids, self.block_size
         seq.block_hashes = []
-        parent = _ROOT
+        parent = seq.cache_salt or _ROOT  # an adapter's prefixes are its own
         for i in range((len(tokens) - 1) // bs):
             h = block_hash(parent, tokens[i * bs : (i + 1) * bs])
             block = self._cached.get(h)
@@ -189,7 +189,7 @@ class BlockManager:
         if len(hashes) >= full:
             return
         tokens = seq.all_token_ids
-        parent = hashes[-1] if hashes else _ROOT
+        parent = hashes[-1] if hashes else seq.cache_salt or _ROOT
         for i in range(len(hashes), full):
             h = block_hash(parent, tokens[i * bs : (i + 1) * bs])
             hashes.append(h)

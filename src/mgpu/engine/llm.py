@@ -16,6 +16,8 @@ from mgpu.errors import ConfigError
 from mgpu.sampling import SamplingParams
 
 PromptInput = str | list[int] | dict[str, Any]
+#: A served adapter's name, an object with a ``lora_name`` (vLLM's ``LoRARequest``), or None.
+LoRARequestInput = str | Any | None
 
 
 class LLM:
@@ -62,6 +64,7 @@ class LLM:
         prompts: PromptInput | SequenceABC[PromptInput],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequestInput | SequenceABC[LoRARequestInput] = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the order of the prompts.
 
@@ -70,6 +73,9 @@ class LLM:
             [...]}``.
             sampling_params: one for all prompts, or one per prompt (default: greedy-free defaults).
             use_tqdm: show a progress bar.
+            lora_request: the served LoRA adapter to run with (its ``--lora-modules`` name, or an
+                object with a ``lora_name`` such as vLLM's ``LoRARequest``), one for all prompts
+                or one per prompt; None is the base model.
         """
         if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -80,12 +86,18 @@ class LLM:
         per_prompt = list(params) if isinstance(params, SequenceABC) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError("give one SamplingParams, or exactly one per prompt")
+        if isinstance(lora_request, list | tuple):
+            loras = [_lora_name(r) for r in lora_request]
+            if len(loras) != len(prompts):
+                raise ValueError("give one lora_request, or exactly one per prompt")
+        else:
+            loras = [_lora_name(lora_request)] * len(prompts)
         order = []
         try:
-            for prompt, p in zip(prompts, per_prompt, strict=False):
+            for prompt, p, lora in zip(prompts, per_prompt, loras, strict=True):
                 rid = str(next(self._ids))
                 text, ids = _split_prompt(prompt)
-                self.engine.add_request(rid, text, p, prompt_token_ids=ids)
+                self.engine.add_request(rid, text, p, prompt_token_ids=ids, lora_request=lora)
                 order.append(rid)
             done: dict[str, RequestOutput] = {}
             with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
@@ -129,6 +141,17 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _lora_name(request: LoRARequestInput) -> str | None:
+    if request is None or isinstance(request, str):
+        return request
+    name = getattr(request, "lora_name", None)
+    if not isinstance(name, str):
+        raise ValueError(
+            f"lora_request must be an adapter name or have a lora_name, got {request!r}"
+        )
+    return name
 
 
 def _split_prompt(prompt: PromptInput) -> tuple[str | None, list[int] | None]:

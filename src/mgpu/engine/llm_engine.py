@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,11 @@ from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
+from mgpu.lora.adapter import AdapterInfo, LoRAConfig, LoRAModule, read_adapter
+from mgpu.lora.slots import SlotTable
 from mgpu.memory import padded_vocab_size
 from mgpu.models.loader import resolve_model_path, safetensors_files
+from mgpu.models.registry import model_class
 from mgpu.sampling import SampleResult, SamplingParams
 
 logger = logging.getLogger("mgpu.engine")
@@ -44,6 +48,10 @@ logger = logging.getLogger("mgpu.engine")
 
 class PromptError(MgpuError, ValueError):
     """A prompt the engine cannot run (empty, too long for the context, unknown token ids)."""
+
+
+class UnknownAdapterError(PromptError):
+    """A request names a LoRA adapter the engine does not serve."""
 
 
 @dataclass
@@ -143,6 +151,11 @@ class LLMEngine:
         quantization: ``int8`` or ``int4`` weight-only quantization of a float checkpoint while
             loading (see docs/quantization.md); a GGUF file keeps its own types. With it,
             ``dtype="auto"`` means bfloat16, the activation dtype of the fused kernels.
+        enable_lora: serve the LoRA adapters of ``lora_modules`` beside the base model.
+        lora_modules: adapters, each ``name=DIR``, vLLM's JSON form or a
+            :class:`~mgpu.lora.adapter.LoRAModule`; a request picks one with ``lora_request``.
+        max_loras: adapters one batch may use (device slots).
+        max_lora_rank: rank of every slot; an adapter of a higher rank is refused.
 
     Every keyword is an :class:`~mgpu.config.EngineArgs` field (see :meth:`from_engine_args`).
     """
@@ -175,6 +188,10 @@ class LLMEngine:
         master_addr: str = "127.0.0.1",
         master_port: int = 0,
         quantization: str | None = None,
+        enable_lora: bool = False,
+        lora_modules: SequenceABC[str | dict | LoRAModule] | None = None,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
     ):
         from transformers import AutoTokenizer
 
@@ -254,10 +271,19 @@ class LLMEngine:
             master_port=master_port,
             quantization=quantization,
         )
+        self.lora_config, adapters = self._check_lora(
+            model, enable_lora, lora_modules, max_loras, max_lora_rank
+        )
         self.executor = Executor(
             self.model_path, self.model_config, self.parallel_config, launch_config
         )
         try:
+            if self.lora_config is not None:
+                cfg = self.lora_config
+                slot_bytes = self.executor.call_all(
+                    "load_lora", adapters, cfg.max_loras, cfg.max_lora_rank
+                )
+                logger.info("LoRA slots: %.1f MiB on the largest rank", max(slot_bytes) / 2**20)
             self._init_cache()
         except BaseException:
             self.executor.shutdown()
@@ -272,6 +298,7 @@ class LLMEngine:
         # Outputs of steps collected by _drain(), handed out by the next step().
         self._drained: list[RequestOutput] = []
         self.stats = EngineStats()
+        self._lora_slots = SlotTable(self.lora_config.max_loras) if self.lora_config else None
         # Called (on the engine's thread) with each sequence's seconds from arrival to its first
         # step: the metrics' queue-time histogram.
         self.queue_time_listeners: list[Callable[[float], None]] = []
@@ -282,6 +309,46 @@ class LLMEngine:
         return cls(args.model, **args.engine_kwargs())
 
     # ---- set-up -------------------------------------------------------------------------------
+
+    def _check_lora(
+        self,
+        model: str | Path | None,
+        enable_lora: bool,
+        modules: SequenceABC[str | dict | LoRAModule] | None,
+        max_loras: int,
+        max_lora_rank: int,
+    ) -> tuple[LoRAConfig | None, list[AdapterInfo]]:
+        """Parse and validate the adapters (before any worker starts); None without LoRA."""
+        if not enable_lora:
+            if modules:
+                raise ConfigError("--lora-modules needs --enable-lora (vLLM's rule)")
+            return None, []
+        if not modules:
+            raise ConfigError(
+                "--enable-lora without --lora-modules would serve no adapter: mgpu loads "
+                "adapters at start only (there is no runtime loading endpoint)"
+            )
+        config = LoRAConfig([LoRAModule.parse(m) for m in modules], max_loras, max_lora_rank)
+        cls = model_class(self.model_config)
+        name = str(model) if model is not None else str(self.model_path)
+        adapters = [
+            read_adapter(m, cls, self.model_config, max_lora_rank, name) for m in config.modules
+        ]
+        for info in adapters:
+            logger.info(
+                "LoRA adapter %r: rank %d, %d modules", info.name, info.rank, len(info.tensors)
+            )
+        return config, adapters
+
+    @property
+    def lora_names(self) -> dict[str, int]:
+        """Served adapter name -> adapter id (empty without LoRA)."""
+        return self.lora_config.ids if self.lora_config is not None else {}
+
+    def lora_path(self, name: str) -> str:
+        """The directory of the adapter served as ``name``."""
+        assert self.lora_config is not None
+        return self.lora_config.modules[self.lora_names[name] - 1].path
 
     def _tp_collective_bytes(self) -> int:
         """Bytes of the largest TP collective of a step: a (tokens, hidden) all-reduce or the
@@ -331,7 +398,8 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        max_loras = self.lora_config.max_loras if self.lora_config is not None else None
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager, max_loras)
 
     @property
     def rank_reports(self) -> list[RankReport]:
@@ -399,8 +467,18 @@ class LLMEngine:
         prompt: str | None,
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
+        lora_request: str | None = None,
     ) -> None:
-        """Queue a request; it joins the running batch at the next step."""
+        """Queue a request; it joins the running batch at the next step.
+
+        Args:
+            request_id: unique among the requests in flight.
+            prompt: the prompt text (tokenized unless ``prompt_token_ids`` is given).
+            params: sampling parameters.
+            prompt_token_ids: the prompt's token ids.
+            lora_request: name of a served LoRA adapter (None: the base model).
+        """
+        lora_id = self.lora_id(lora_request)
         ids = (
             list(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt or "")
         )
@@ -416,11 +494,29 @@ class LLMEngine:
                     # Distinct but reproducible streams for the n completions of a seeded request.
                     child = SamplingParams(**{**params.__dict__, "seed": params.seed + i, "n": 1})
                 seq = Sequence(next(self._seq_counter), request_id, i, ids, child, max_tokens)
+                seq.lora_id = lora_id
+                seq.cache_salt = f"lora:{lora_id}".encode() if lora_id else b""
                 seqs.append(seq)
                 self.scheduler.add(seq)
             self._requests[request_id] = _Request(
                 request_id, prompt, ids, seqs, time.time(), stop_holdback=holdback
             )
+
+    def lora_id(self, lora_request: str | None) -> int:
+        """The adapter id of a served adapter name (0 for None, the base model).
+
+        Args:
+            lora_request: a name given in ``--lora-modules``, or None.
+        """
+        if lora_request is None:
+            return 0
+        names = self.lora_names
+        if lora_request not in names:
+            served = ", ".join(names) or "none (start with --enable-lora --lora-modules)"
+            raise UnknownAdapterError(
+                f"no LoRA adapter named {lora_request!r} is served; adapters: {served}"
+            )
+        return names[lora_request]
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (no-op if it already finished)."""
@@ -491,12 +587,23 @@ class LLMEngine:
                 return
             step = StepInput([], finished_seqs=self._to_release)
             self._to_release = []
+            if self._lora_slots is not None:
+                step.lora_slots = self._lora_slots.assign(
+                    item.seq.lora_id for item in plan.scheduled
+                )
             for item in plan.scheduled:
                 seq = item.seq
                 start = seq.num_computed_tokens
                 tokens = seq.all_token_ids[start : start + item.num_tokens]
                 step.chunks.append(
-                    SeqChunk(seq.seq_id, tokens, start, list(seq.block_table), item.samples)
+                    SeqChunk(
+                        seq.seq_id,
+                        tokens,
+                        start,
+                        list(seq.block_table),
+                        item.samples,
+                        seq.lora_id,
+                    )
                 )
                 if seq.seq_id not in self._registered:
                     self._registered.add(seq.seq_id)

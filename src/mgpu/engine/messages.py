@@ -22,6 +22,7 @@ class SeqChunk:
         start_pos: position of ``token_ids[0]`` (tokens before it are already in the KV cache).
         block_table: the sequence's KV blocks, covering at least ``start_pos + len(token_ids)``.
         sample: sample a next token after this chunk (false for a non-final prefill chunk).
+        lora_id: the LoRA adapter the sequence runs with (0: the base model).
     """
 
     seq_id: int
@@ -29,12 +30,18 @@ class SeqChunk:
     start_pos: int
     block_table: list[int]
     sample: bool
+    lora_id: int = 0
 
 
 @dataclass
 class StepInput:
-    """Everything the workers need for one forward pass of the running batch."""
+    """Everything the workers need for one forward pass of the running batch.
+
+    ``lora_slots`` is the adapter id held by each LoRA device slot for this step (empty without
+    LoRA); the workers expand the chunks' ``lora_id`` into per-token slot indices.
+    """
 
     chunks: list[SeqChunk]
     new_seqs: dict[int, SamplingParams] = field(default_factory=dict)
     finished_seqs: list[int] = field(default_factory=list)
+    lora_slots: tuple[int, ...] = ()

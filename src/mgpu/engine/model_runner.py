@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
@@ -18,6 +19,7 @@ import torch
 from mgpu.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, blocks_for_tokens
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import pp_recv, pp_send
+from mgpu.engine.forward_context import ForwardContext, set_forward_context
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, visible_keys
 from mgpu.layers.moe import expert_parallel
@@ -27,6 +29,10 @@ from mgpu.models.loader import load_weights
 from mgpu.models.registry import model_class
 from mgpu.monitor.timing import TIMER
 from mgpu.sampling import Sampler, SampleResult
+
+if TYPE_CHECKING:
+    from mgpu.lora.adapter import AdapterInfo
+    from mgpu.lora.manager import LoRAManager
 
 #: Test-only setting ``RANK:SECONDS``: that rank sleeps this long in every step, which makes the
 #: layout uneven on purpose (the monitor's imbalance tests).
@@ -111,6 +117,20 @@ class ModelRunner:
         self._sends: list[tuple[torch.distributed.Work, torch.Tensor]] = []
         TIMER.use_cuda(device.type == "cuda")
         self._slow_s = _test_slow_seconds(rank)
+        self.lora: LoRAManager | None = None
+
+    def load_lora(self, adapters: list[AdapterInfo], max_loras: int, max_lora_rank: int) -> int:
+        """Attach LoRA slots to the targeted linears and read this rank's adapter shards.
+
+        Called by the engine before the memory profile, so the slots count against the budget.
+        Returns the slots' device bytes.
+        """
+        from mgpu.lora.manager import LoRAManager
+
+        self.lora = LoRAManager(
+            self.model, adapters, max_loras, max_lora_rank, self.dtype, self.device
+        )
+        return self.lora.slot_bytes()
 
     # ---- memory -------------------------------------------------------------------------------
 
@@ -124,8 +144,9 @@ class ModelRunner:
         )
 
     def param_bytes(self) -> int:
-        """Bytes of parameters this rank holds (tied parameters counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of parameters this rank holds (tied parameters counted once), LoRA slots too."""
+        lora = self.lora.slot_bytes() if self.lora is not None else 0
+        return lora + sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def report(self) -> RankReport:
         """Numbers for the engine's startup table and the per-rank memory test."""
@@ -254,7 +275,9 @@ class ModelRunner:
             residual = pp_recv(shape, self.dtype, self.device)
         compiled = self._decode_model is not None and meta.all_decode
         model = self._decode_model if compiled else self.model
-        hidden, residual = model(input_ids, positions, meta, hidden, residual)
+        lora = self.lora.mapping(step) if self.lora is not None else None
+        with set_forward_context(ForwardContext(meta, lora)):
+            hidden, residual = model(input_ids, positions, meta, hidden, residual)
         if not self.is_last:
             self.finish_sends()
             for x in (hidden.contiguous(), residual.contiguous()):

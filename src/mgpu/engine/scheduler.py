@@ -11,6 +11,10 @@ With prefix caching, a sequence being admitted first takes the cached blocks of 
 prefix and starts computing after them; blocks are hashed into the cache once their tokens are
 computed (seen at the next schedule, when the step that computed them has been collected), and
 when a sequence finishes or is pre-empted.
+
+With LoRA, one batch uses at most ``max_loras`` distinct adapters (the base model does not count):
+a running or waiting sequence of another adapter waits for a later step, and the sequences behind
+it go ahead (a waiting one keeps its place in the queue).
 """
 
 from __future__ import annotations
@@ -52,9 +56,13 @@ class SchedulerOutput:
 class Scheduler:
     """Decides, step by step, which sequences run and how many tokens each feeds."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, max_loras: int | None = None
+    ):
         self.config = config
         self.blocks = block_manager
+        #: Most distinct LoRA adapters in one batch (None: no limit, no adapters served).
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -101,11 +109,14 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         limit = max_seqs if max_seqs is not None else self.config.max_num_seqs
+        adapters: set[int] = set()
         for seq in list(self.running):
             if len(out.scheduled) >= limit:
                 break
             if seq not in self.running or seq.seq_id in busy:
                 continue  # pre-empted below to make room for an older sequence, or in flight
+            if not self._adapter_fits(seq, adapters):
+                continue  # its adapter would be one too many in this batch
             self.blocks.cache_full_blocks(seq)  # what the last collected step computed
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
@@ -118,11 +129,17 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                adapters.add(seq.lora_id)
         # Admit new work only when nothing had to be pre-empted: the cache is full otherwise.
+        # Sequences whose adapter would be one too many are passed over, keeping their place.
+        passed_over: list[Sequence] = []
         while self.waiting and not out.preempted and budget > 0:
             if len(self.running) >= self.config.max_num_seqs or len(out.scheduled) >= limit:
                 break
             seq = self.waiting[0]
+            if not self._adapter_fits(seq, adapters):
+                passed_over.append(self.waiting.popleft())
+                continue
             hit = self.blocks.allocate_prefix(seq)
             seq.num_computed_tokens = hit
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -135,4 +152,12 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+            adapters.add(seq.lora_id)
+        self.waiting.extendleft(reversed(passed_over))
         return out
+
+    def _adapter_fits(self, seq: Sequence, adapters: set[int]) -> bool:
+        """Whether ``seq`` may join a batch already using ``adapters`` (0 is the base model)."""
+        if self.max_loras is None or seq.lora_id == 0 or seq.lora_id in adapters:
+            return True
+        return len(adapters - {0}) < self.max_loras

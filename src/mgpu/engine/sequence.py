@@ -31,6 +31,10 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
+    # The LoRA adapter it runs with (0: the base model), and the root of its prefix-cache hashes:
+    # the adapter's own, since its keys and values differ from the base model's for equal tokens.
+    lora_id: int = 0
+    cache_salt: bytes = b""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -119,6 +119,8 @@ class LinearBase(nn.Module):
             config.get_linear_method(self) if config is not None else UnquantizedLinearMethod()
         )
         self.quant_method.create_weights(self)
+        #: The LoRA delta ``lora(x, y) -> y + delta`` of served adapters (``mgpu.lora``), if any.
+        self.lora: nn.Module | None = None
 
     def shard_rows(self, shard_id: int) -> tuple[int, int, int]:
         """(offset in the local param, first row in the full tensor, rows) of output ``shard_id``"""
@@ -199,7 +201,8 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, input_size) -> (tokens, sum(output_sizes) / tp)."""
-        return self.quant_method.apply(self, x, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -291,6 +294,9 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, input_size / tp) -> (tokens, output_size), summed over the TP group."""
-        y = tp_all_reduce(self.quant_method.apply(self, x))
+        partial = self.quant_method.apply(self, x)
+        if self.lora is not None:  # a partial sum too: one all-reduce covers both
+            partial = self.lora(x, partial)
+        y = tp_all_reduce(partial)
         # The bias is added once, after the reduction, not once per rank.
         return y + self.bias if self.bias is not None else y

@@ -204,17 +204,28 @@ class OpenAIServing:
 
     # ---- shared checks ------------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless ``model`` names the served model (None means the served model)."""
+    def check_model(self, model: str | None) -> str | None:
+        """404 unless ``model`` names the served model or one of its LoRA adapters.
+
+        Returns:
+            The adapter's name, or None for the base model (also when ``model`` is None).
+        """
         names = (self.config.served_model_name, *self.config.model_aliases)
-        if model is not None and model not in names:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist; this server serves "
-                f"'{self.config.served_model_name}'",
-                param="model",
-                code="model_not_found",
-            )
+        if model is None or model in names:
+            return None
+        if model in self.engine.engine.lora_names:
+            return model
+        served = ", ".join(f"'{n}'" for n in (names[0], *self.engine.engine.lora_names))
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves {served}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def response_model(self, model: str | None) -> str:
+        """The ``model`` of a response: the adapter's name, or the served model's."""
+        return self.check_model(model) or self.config.served_model_name
 
     def check_healthy(self) -> None:
         """503 once the engine has stopped or the server is shutting down."""
@@ -298,11 +309,17 @@ class OpenAIServing:
     # ---- generation ---------------------------------------------------------------------------
 
     def _streams(
-        self, base_id: str, prompts: list[_Prompt], params: SamplingParams, timer: _Timer
+        self,
+        base_id: str,
+        prompts: list[_Prompt],
+        params: SamplingParams,
+        timer: _Timer,
+        lora: str | None,
     ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Outputs of every prompt of a request, tagged with the prompt's position."""
         gens = [
-            self.engine.generate(f"{base_id}-{i}", p.ids, params) for i, p in enumerate(prompts)
+            self.engine.generate(f"{base_id}-{i}", p.ids, params, lora)
+            for i, p in enumerate(prompts)
         ]
         return _merge(gens, timer)
 
@@ -313,12 +330,14 @@ class OpenAIServing:
         prompts: list[_Prompt],
         params: SamplingParams,
         timer: _Timer,
+        lora: str | None,
     ) -> list[RequestOutput]:
         """The finished output of each prompt; aborts when the client disconnects first."""
 
         async def collect() -> list[RequestOutput]:
             last: dict[int, RequestOutput] = {}
-            async with contextlib.aclosing(self._streams(base_id, prompts, params, timer)) as outs:
+            streams = self._streams(base_id, prompts, params, timer, lora)
+            async with contextlib.aclosing(streams) as outs:
                 async for i, out in outs:
                     last[i] = out
             return [last[i] for i in range(len(prompts))]
@@ -339,7 +358,7 @@ class OpenAIServing:
     ) -> CompletionResponse | StreamingResponse:
         """``POST /v1/completions``."""
         timer = _Timer(self.metrics)
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         self.check_healthy()
         params = self.sampling_params(body)
         if body.echo and body.logprobs is not None:
@@ -351,7 +370,7 @@ class OpenAIServing:
         if body.stream:
             events = self._stream_completion(request_id, body, prompts, params, timer)
             return _SSEResponse(events)
-        outputs = await self._final(request, request_id, prompts, params, timer)
+        outputs = await self._final(request, request_id, prompts, params, timer, lora)
         choices = []
         for i, out in enumerate(outputs):
             prefix = self._prompt_text(prompts[i]) if body.echo else ""
@@ -369,7 +388,7 @@ class OpenAIServing:
                 )
         return CompletionResponse(
             id=request_id,
-            model=self.config.served_model_name,
+            model=self.response_model(body.model),
             choices=choices,
             usage=_usage(outputs),
         )
@@ -419,7 +438,7 @@ class OpenAIServing:
         params: SamplingParams,
         timer: _Timer,
     ) -> AsyncGenerator[str, None]:
-        model, n, created = self.config.served_model_name, params.n, int(time.time())
+        model, n, created = self.response_model(body.model), params.n, int(time.time())
         sent = _Sent(len(prompts) * n)
         offsets = [0] * (len(prompts) * n)
         last: dict[int, RequestOutput] = {}
@@ -440,7 +459,7 @@ class OpenAIServing:
                 ]
                 yield chunk(echoes)
             async with contextlib.aclosing(
-                self._streams(request_id, prompts, params, timer)
+                self._streams(request_id, prompts, params, timer, self.check_model(body.model))
             ) as outs:
                 async for i, out in outs:
                     last[i] = out
@@ -483,7 +502,7 @@ class OpenAIServing:
     ) -> ChatCompletionResponse | StreamingResponse:
         """``POST /v1/chat/completions``."""
         timer = _Timer(self.metrics)
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         self.check_healthy()
         params = self.sampling_params(body)
         ids = await self._in_thread(self._apply_chat_template, body.chat_messages())
@@ -492,7 +511,7 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return _SSEResponse(self._stream_chat(request_id, body, prompt, params, timer))
-        (out,) = await self._final(request, request_id, [prompt], params, timer)
+        (out,) = await self._final(request, request_id, [prompt], params, timer, lora)
         choices = [
             ChatChoice(
                 index=c.index,
@@ -503,7 +522,10 @@ class OpenAIServing:
             for c in out.outputs
         ]
         return ChatCompletionResponse(
-            id=request_id, model=self.config.served_model_name, choices=choices, usage=_usage([out])
+            id=request_id,
+            model=self.response_model(body.model),
+            choices=choices,
+            usage=_usage([out]),
         )
 
     def _chat_logprobs(self, results: list[SampleResult]) -> ChatLogprobs:
@@ -533,7 +555,7 @@ class OpenAIServing:
         params: SamplingParams,
         timer: _Timer,
     ) -> AsyncGenerator[str, None]:
-        model, n, created = self.config.served_model_name, params.n, int(time.time())
+        model, n, created = self.response_model(body.model), params.n, int(time.time())
         sent = _Sent(n)
         last: RequestOutput | None = None
 
@@ -551,7 +573,7 @@ class OpenAIServing:
             ]
             yield chunk(roles)
             async with contextlib.aclosing(
-                self._streams(request_id, [prompt], params, timer)
+                self._streams(request_id, [prompt], params, timer, self.check_model(body.model))
             ) as outs:
                 async for _, out in outs:
                     last = out
@@ -585,12 +607,16 @@ class OpenAIServing:
 
     def models(self) -> ModelList:
         """``GET /v1/models``."""
-        card = ModelCard(
-            id=self.config.served_model_name,
-            root=str(self.engine.engine.model_path),
-            max_model_len=self.max_model_len,
-        )
-        return ModelList(data=[card])
+        engine, base = self.engine.engine, self.config.served_model_name
+        cards = [ModelCard(id=base, root=str(engine.model_path), max_model_len=self.max_model_len)]
+        # LoRA adapters beside the base model, as vLLM lists them: parent = the base model.
+        cards += [
+            ModelCard(
+                id=name, root=engine.lora_path(name), parent=base, max_model_len=self.max_model_len
+            )
+            for name in engine.lora_names
+        ]
+        return ModelList(data=cards)
 
     def health(self) -> JSONResponse:
         """``GET /health``: 200 while every worker is alive and the server is not shutting down,

@@ -68,6 +68,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora_request: str | None = None
 
 
 @dataclass
@@ -110,7 +111,11 @@ class AsyncEngine:
     # ---- the event-loop side --------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora_request: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Submit a request and yield its outputs until it finishes.
 
@@ -122,6 +127,7 @@ class AsyncEngine:
             request_id: unique among the requests in flight.
             prompt_token_ids: the prompt, already checked with ``engine.check_prompt``.
             params: sampling parameters.
+            lora_request: the served LoRA adapter to run with (None: the base model).
         """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Item] = asyncio.Queue()
@@ -129,7 +135,7 @@ class AsyncEngine:
         def deliver(item: Item) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        self._start(request_id, prompt_token_ids, params, deliver)
+        self._start(request_id, prompt_token_ids, params, deliver, lora_request)
         finished = False
         try:
             while not finished:
@@ -171,7 +177,12 @@ class AsyncEngine:
             self._stop(request_id, finished)
 
     def _start(
-        self, request_id: str, ids: list[int], params: SamplingParams, deliver: Deliver
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        deliver: Deliver,
+        lora_request: str | None = None,
     ) -> None:
         if self.error is not None:
             raise EngineDeadError(self.error)
@@ -181,7 +192,7 @@ class AsyncEngine:
         if self.error is not None:  # the engine died while this request was being registered
             self._listeners.pop(request_id, None)
             raise EngineDeadError(self.error)
-        self._submit(_Add(request_id, list(ids), params))
+        self._submit(_Add(request_id, list(ids), params, lora_request))
 
     def _stop(self, request_id: str, finished: bool) -> None:
         self._listeners.pop(request_id, None)
@@ -267,7 +278,11 @@ class AsyncEngine:
             return  # cancelled before it reached the engine
         try:
             self.engine.add_request(
-                command.request_id, None, command.params, prompt_token_ids=command.prompt_token_ids
+                command.request_id,
+                None,
+                command.params,
+                prompt_token_ids=command.prompt_token_ids,
+                lora_request=command.lora_request,
             )
         except Exception as exc:
             self._send(command.request_id, exc)

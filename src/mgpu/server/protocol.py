@@ -306,6 +306,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "mgpu"
     root: str
+    #: The base model of a LoRA adapter (None for the base model itself), vLLM's field.
+    parent: str | None = None
     max_model_len: int
 
 
