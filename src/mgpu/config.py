@@ -517,6 +517,12 @@ class EngineArgs:
         "CPU only: memory of each device, e.g. 24GiB,12GiB (one entry per rank; a single entry "
         "is the whole engine's budget under a manual layout); default: the available RAM",
     )
+    device_speed: str | None = _arg(
+        None,
+        "relative throughput of each device, e.g. 2,1 (one entry per device, as --device-memory): "
+        "an automatic pipeline gives faster devices more layers where their memory allows; "
+        "default: on CUDA each GPU's memory bandwidth from the GPU table, on CPU equal",
+    )
     placement: str = _arg(
         "auto",
         "auto: build the layout from the devices' memory unless -tp, -pp or --layer-split is "
@@ -639,6 +645,7 @@ class EngineArgs:
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "device_memory": self.device_memory,
+            "device_speed": self.device_speed,
             "placement": self.placement,
             "block_size": self.block_size,
             "num_blocks": self.num_gpu_blocks_override,

@@ -1,4 +1,5 @@
-"""Automatic placement from per-device memory (``device_memory=[...]`` on CPU)."""
+"""Placement: automatic from per-device memory and speed (``device_memory=[...]``,
+``device_speed=[...]`` on CPU), and an explicit TP size the heads do not divide."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mgpu import LLM, SamplingParams
-from mgpu.config import ModelConfig
-from mgpu.engine.placement import GIB, auto_layout, parse_device_memory
+from mgpu.cli import main as mgpu_main
+from mgpu.config import ModelConfig, ParallelConfig
+from mgpu.engine.placement import (
+    GIB,
+    auto_layout,
+    fit_tensor_parallel,
+    parse_device_memory,
+    parse_device_speed,
+)
 from mgpu.errors import ConfigError
 from mgpu.memory import weight_bytes_per_rank
-from tests.helpers import make_model
+from tests.helpers import hf_greedy, make_model
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +74,12 @@ def test_too_large_is_refused_before_loading(six_layers: Path) -> None:
         LLM(str(six_layers), device="cpu", device_memory=["1MiB", "1MiB"], num_blocks=16)
 
 
-def test_heads_not_divisible_by_three_devices() -> None:
-    """32 heads on 3 equal devices that the model needs all of: a pipeline of 3, not TP=3."""
-    config = ModelConfig(
+def _config_32_heads(layers: int = 6) -> ModelConfig:
+    return ModelConfig(
         architecture="LlamaForCausalLM",
         hidden_size=256,
         intermediate_size=512,
-        num_hidden_layers=6,
+        num_hidden_layers=layers,
         num_attention_heads=32,
         num_key_value_heads=8,
         vocab_size=1000,
@@ -91,9 +98,90 @@ def test_heads_not_divisible_by_three_devices() -> None:
         eos_token_ids=(0,),
         sliding_window=None,
     )
+
+
+def test_heads_not_divisible_by_three_devices() -> None:
+    """32 heads on 3 equal devices that the model needs all of: a pipeline of 3, not TP=3."""
+    config = _config_32_heads()
     whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
     layout = auto_layout(config, 4, (int(whole * 0.5),) * 3)
     assert (layout.tensor_parallel_size, layout.pipeline_parallel_size) == (1, 3)
     assert sum(layout.layer_split) == 6
     assert auto_layout(config, 4, (whole * 2,) * 3).world_size == 1  # fits one: one rank
     assert auto_layout(config, 4, (int(whole * 0.7),) * 2).tensor_parallel_size == 2
+
+
+def test_parse_device_speed() -> None:
+    assert parse_device_speed("2,1") == (2.0, 1.0)
+    assert parse_device_speed([3, 1.5]) == (3.0, 1.5)
+    with pytest.raises(ConfigError, match="positive"):
+        parse_device_speed("2,0")
+    with pytest.raises(ConfigError, match="numbers"):
+        parse_device_speed("fast,slow")
+
+
+def test_split_follows_speed_where_memory_allows() -> None:
+    """Equal memory, one device three times as fast: it takes about three quarters of the layers;
+    with its memory too small for that, it takes what its memory holds and the rest goes on."""
+    config = _config_32_heads(layers=16)
+    whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
+    roomy = (int(whole * 0.9),) * 2  # the model needs both, each could hold 90 % of it
+    assert auto_layout(config, 4, roomy).tensor_parallel_size == 2  # equal devices: TP
+    fast_first = auto_layout(config, 4, roomy, (3.0, 1.0)).layer_split
+    assert fast_first is not None and fast_first[0] >= 11 and sum(fast_first) == 16
+    slow_first = auto_layout(config, 4, roomy, (1.0, 3.0)).layer_split
+    assert slow_first is not None and slow_first[1] >= 11
+    tight = (int(whole * 0.75), int(whole * 0.6))
+    capped = auto_layout(config, 4, tight, (3.0, 1.0)).layer_split
+    assert capped is not None and fast_first[0] > capped[0] > capped[1]  # memory caps the fast one
+    # Unequal memory, speeds unknown: by memory, the larger device holding more.
+    by_memory = auto_layout(config, 4, tight).layer_split
+    assert by_memory is not None and by_memory[0] > by_memory[1]
+    with pytest.raises(ConfigError, match="--device-speed lists 3"):
+        auto_layout(config, 4, roomy, (1.0, 2.0, 3.0))
+
+
+def test_tp_not_dividing_heads_is_fitted() -> None:
+    """-tp 3 on 32 heads keeps 3 devices as PP 3; -tp 6 becomes TP 2 x PP 3; -tp 2 stays."""
+    config = _config_32_heads()
+    fitted, note = fit_tensor_parallel(config, ParallelConfig(3, 1))
+    assert (fitted.tensor_parallel_size, fitted.pipeline_parallel_size) == (1, 3)
+    assert note is not None and "-tp 3 does not divide the model's 32 attention heads" in note
+    assert "TP 1 x PP 3 on the same 3 devices" in note
+    fitted, _ = fit_tensor_parallel(config, ParallelConfig(6, 1))
+    assert (fitted.tensor_parallel_size, fitted.pipeline_parallel_size) == (2, 3)
+    assert fit_tensor_parallel(config, ParallelConfig(2, 2)) == (ParallelConfig(2, 2), None)
+    with pytest.raises(ConfigError, match="--layer-split lists 2 stages"):
+        fit_tensor_parallel(config, ParallelConfig(3, 2, (3, 3)))  # TP 2 x PP 3 needs 3 entries
+
+
+@pytest.fixture(scope="module")
+def heads_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer Llama with 32 query heads and 8 KV heads (head_dim 4)."""
+    return make_model(
+        tmp_path_factory.mktemp("heads32"),
+        "llama3",
+        hidden_size=128,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    )
+
+
+def test_tp3_runs_as_a_pipeline_of_three(heads_32: Path, capsys: pytest.CaptureFixture) -> None:
+    """An explicit -tp 3 on 32 heads: one line says PP 3 runs instead, --dry-run and layout() show
+    three stages, and the greedy tokens are transformers'."""
+    assert mgpu_main(["serve", str(heads_32), "-tp", "3", "--dry-run", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "mgpu: placement: -tp 3 does not divide the model's 32 attention heads" in out
+    assert "TP 1 x PP 3" in out
+    hf = AutoModelForCausalLM.from_pretrained(heads_32, dtype=torch.float32).eval()
+    prompt = [5, 6, 7, 8, 9]
+    expected = hf_greedy(hf, prompt, 8)
+    with LLM(
+        str(heads_32), tensor_parallel_size=3, device="cpu", dtype="float32", num_blocks=16
+    ) as llm:
+        assert "running TP 1 x PP 3" in capsys.readouterr().out
+        assert [row["layers"] for row in llm.layout()] == [[0, 1], [1, 2], [2, 3]]
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == expected
