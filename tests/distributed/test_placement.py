@@ -185,3 +185,92 @@ def test_tp3_runs_as_a_pipeline_of_three(heads_32: Path, capsys: pytest.CaptureF
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == expected
+
+
+def _write_random_llama(path: Path, layers: int, hidden: int, inter: int, vocab: int) -> Path:
+    """A float32 Llama checkpoint written straight from random tensors (no transformers init).
+
+    Every layer shares one set of random matrices: generating them is the slow part at this size,
+    and equal layers test the split and the pipeline as well as distinct ones.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from tests.helpers import write_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    AutoConfig.for_model(
+        "llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        eos_token_id=0,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    ).save_pretrained(path)
+    write_tokenizer(path)
+    g = torch.Generator().manual_seed(0)
+    attn = [torch.randn(hidden, hidden, generator=g) * hidden**-0.5 for _ in range(4)]
+    gate, up = (torch.randn(inter, hidden, generator=g) * hidden**-0.5 for _ in range(2))
+    down = torch.randn(hidden, inter, generator=g) * inter**-0.5
+    norm = torch.ones(hidden)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
+        "lm_head.weight": torch.randn(vocab, hidden, generator=g) * 0.05,
+        "model.norm.weight": norm,
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, w in zip(("q_proj", "k_proj", "v_proj", "o_proj"), attn, strict=True):
+            tensors[f"{p}self_attn.{name}.weight"] = w
+        tensors[f"{p}mlp.gate_proj.weight"] = gate
+        tensors[f"{p}mlp.up_proj.weight"] = up
+        tensors[f"{p}mlp.down_proj.weight"] = down
+        tensors[f"{p}input_layernorm.weight"] = norm
+        tensors[f"{p}post_attention_layernorm.weight"] = norm
+    # safetensors refuses tensors that share memory: each entry gets its own storage as written.
+    save_file(
+        {k: v.clone() for k, v in tensors.items()},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_issue_scale_budgets(tmp_path: Path) -> None:
+    """``device_memory=["1GiB", "0.5GiB"]`` for a 1.04 GB float32 model that needs both: 10 layers
+    on the 1 GiB device, 5 on the other, transformers' greedy tokens; two 0.5 GiB devices are
+    refused before any weight is read, with the shortfall.
+
+    The issue's ~700 MB would fit the 1 GiB device alone (0.9 GiB after the KV reserve), so the
+    model is the smallest that needs both budgets.
+    """
+    path = _write_random_llama(tmp_path / "m", layers=15, hidden=1024, inter=4096, vocab=4096)
+    prompt = [5, 6, 7, 8]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = hf_greedy(hf, prompt, 4)
+    del hf
+    with pytest.raises(ConfigError, match=r"0\.07 GiB short"):
+        LLM(str(path), device="cpu", dtype="float32", device_memory=["0.5GiB", "0.5GiB"])
+    with LLM(
+        str(path),
+        device="cpu",
+        dtype="float32",
+        device_memory=["1GiB", "0.5GiB"],
+        num_blocks=8,
+        max_model_len=64,
+    ) as llm:
+        rows = llm.layout()
+        assert [row["layers"] for row in rows] == [[0, 10], [10, 15]]
+        assert rows[0]["param_bytes"] == rows[0]["predicted_param_bytes"]
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == expected
