@@ -350,9 +350,14 @@ class ParallelConfig:
                 f"tensor parallel size {tp} does not divide the model's "
                 f"{model.num_attention_heads} attention heads / "
                 f"{model.num_key_value_heads} KV heads; "
-                f"sizes that work: {', '.join(map(str, valid))}; for {devices} devices, "
-                f"--pipeline-parallel-size {devices} works (or leave the layout to --placement "
-                "auto)"
+                f"sizes that work: {', '.join(map(str, valid))}; "
+                + (
+                    f"for {devices} devices, --pipeline-parallel-size {devices} works"
+                    if devices <= model.num_hidden_layers
+                    else f"{devices} devices are more than its {model.num_hidden_layers} layers "
+                    "can be staged over"
+                )
+                + " (or leave the layout to --placement auto)"
             )
         if self.enable_expert_parallel and not model.is_moe:
             raise ConfigError(
