@@ -82,3 +82,25 @@ def test_python_m_mgpu_serve_parses_on_its_own(
     assert "TP 2 x PP 1" in capsys.readouterr().out
     assert serve_main([str(tmp_path / "none"), "--dry-run"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_printed_commands_round_trip_through_the_parser() -> None:
+    """``to_cli_args`` writes what ``mgpu serve`` parses back to the same settings."""
+    settings = EngineArgs(
+        model="org/model",
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        layer_split=(20, 12),
+        enable_expert_parallel=True,
+        quantization="int4",
+        max_model_len=4096,
+        gpu_memory_utilization=0.95,
+        enable_prefix_caching=False,
+        device_memory="24GiB,12GiB",
+    )
+    argv = settings.to_cli_args()
+    assert argv[:2] == ["--model", "org/model"]
+    assert "--no-enable-prefix-caching" in argv and "--layer-split" in argv
+    assert EngineArgs.from_cli_args(build_parser().parse_args(["serve", *argv])) == settings
+    assert EngineArgs().to_cli_args() == []
+    assert EngineArgs().to_cli_args(include=("max_num_seqs",)) == ["--max-num-seqs", "64"]
