@@ -59,3 +59,37 @@ def test_padded_intermediate_matches_transformers(odd_models: Callable, arch: st
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         out = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == ref_greedy
+
+
+def test_padded_gguf_mlp_at_tp3(tmp_path: Path) -> None:
+    """A GGUF file whose Q8_0 MLP (intermediate 320) TP=3 does not divide: the padded shards are
+    read as floats from the blocks and padded, so the output is transformers' on the file's own
+    (dequantised) weights."""
+    from gguf import GGMLQuantizationType as T
+
+    from tests.quant.gguf_files import write_gguf
+
+    model_dir = make_model(
+        tmp_path / "hf",
+        "llama3",
+        rope_scaling=None,
+        hidden_size=192,
+        intermediate_size=320,
+        num_attention_heads=12,
+        num_key_value_heads=6,
+        num_hidden_layers=2,
+    )
+    mlp = {name: T.Q8_0 for name in ("gate_proj", "up_proj", "down_proj")}
+    held = write_gguf(model_dir, tmp_path / "m.gguf", T.F32, mlp)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.load_state_dict(held, strict=False)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT])).logits[0]  # (T, vocab)
+    with LLM(
+        str(tmp_path / "m.gguf"),
+        tensor_parallel_size=3,
+        device="cpu",
+        dtype="float32",
+        num_blocks=16,
+    ) as llm:
+        assert (llm.prompt_logits(PROMPT) - ref).abs().max().item() <= 1e-3
