@@ -274,3 +274,41 @@ def test_issue_scale_budgets(tmp_path: Path) -> None:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == expected
+
+
+def test_resolve_layout_uses_what_the_layout_needs() -> None:
+    """A model that fits the first device leaves the other budgets unused (no error)."""
+    from mgpu.engine.placement import resolve_layout
+
+    config = _config_32_heads()
+    whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
+    placed = resolve_layout(config, 4, "cpu", None, None, None, "auto", [f"{whole * 2}B"] * 2)
+    assert placed.parallel_config.world_size == 1
+    assert placed.rank_memory_bytes == (whole * 2,)
+    assert placed.note is None
+
+
+def test_cuda_speeds_come_from_the_gpu_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the speed of each GPU is its memory bandwidth from the planner's table: an RTX 4090
+    (1008 GB/s) beside an RTX 3060 (360 GB/s) of the same memory takes most of the layers."""
+    from types import SimpleNamespace
+
+    from mgpu.engine.placement import resolve_layout
+
+    config = _config_32_heads(layers=16)
+    whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
+    gpus = [("NVIDIA GeForce RTX 4090", whole), ("NVIDIA GeForce RTX 3060", whole)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: SimpleNamespace(name=gpus[i][0], total_memory=gpus[i][1]),
+    )
+    placed = resolve_layout(config, 4, "cuda", None, None, None)
+    split = placed.parallel_config.layer_split
+    assert split is not None and split[0] > 2 * split[1]
+    assert placed.note is not None and "by device speed within memory" in placed.note
+    assert placed.rank_memory_bytes is None
+    # Given speeds replace the table's.
+    even = resolve_layout(config, 4, "cuda", None, None, None, device_speed="1,1")
+    assert even.parallel_config.tensor_parallel_size == 2  # equal devices: TP

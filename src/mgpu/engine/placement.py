@@ -293,6 +293,8 @@ def resolve_layout(
             speeds = speeds * len(devices)
         config = auto_layout(model, bytes_per_element, devices, speeds) if devices else None
         config = config or ParallelConfig()
+        if budgets is not None and config.world_size < len(budgets):
+            budgets = budgets[: config.world_size]  # fits the first device(s): the rest stay idle
         if config.layer_split is not None:
             note = (
                 f"placement auto: PP {config.pipeline_parallel_size}, layers per stage "
