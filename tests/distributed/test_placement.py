@@ -312,3 +312,14 @@ def test_cuda_speeds_come_from_the_gpu_table(monkeypatch: pytest.MonkeyPatch) ->
     # Given speeds replace the table's.
     even = resolve_layout(config, 4, "cuda", None, None, None, device_speed="1,1")
     assert even.parallel_config.tensor_parallel_size == 2  # equal devices: TP
+
+
+def test_device_speed_on_the_command_line(six_layers: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--device-speed 3,1`` beside equal budgets that the model needs both of: the fast device
+    takes 5 of 6 layers (5/3 against 1/1 beats 4/3 against 2/1), and the start-up line says the
+    split follows speed."""
+    argv = ["serve", str(six_layers), "--device", "cpu", "--device-memory", "4MiB,4MiB"]
+    assert mgpu_main([*argv, "--device-speed", "3,1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "layers per stage 5,1 by device speed within memory" in out
+    assert "[0, 5)" in out and "[5, 6)" in out

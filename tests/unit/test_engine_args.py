@@ -104,3 +104,13 @@ def test_printed_commands_round_trip_through_the_parser() -> None:
     assert EngineArgs.from_cli_args(build_parser().parse_args(["serve", *argv])) == settings
     assert EngineArgs().to_cli_args() == []
     assert EngineArgs().to_cli_args(include=("max_num_seqs",)) == ["--max-num-seqs", "64"]
+
+
+def test_every_engine_setting_reaches_the_engine() -> None:
+    """Each keyword ``engine_kwargs`` passes is a parameter of ``LLMEngine``."""
+    import inspect
+
+    from mgpu.engine.llm_engine import LLMEngine
+
+    accepted = set(inspect.signature(LLMEngine.__init__).parameters)
+    assert set(EngineArgs().engine_kwargs()) <= accepted
