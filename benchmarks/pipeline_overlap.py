@@ -9,15 +9,20 @@ with a perfect pipeline). Also: single-stream latency at TP=2 against PP=2.
 Model: a ~57M random Llama (hidden 768, 8 layers, 12 heads, 4 KV heads, intermediate 2048, the demo
 model's 8k tokenizer vocabulary), float32, so compute dominates over per-step overhead.
 
-Run: ``python benchmarks/pipeline_overlap.py`` (writes docs/benchmarks.md's pipeline section).
+Run: ``python benchmarks/pipeline_overlap.py`` (writes docs/benchmarks.md's pipeline section);
+``--num-seqs 4 --new-tokens 4 --rounds 1 --serve-clients 4 --no-write`` is a quick check.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import re
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from common import machine_line, markers, write_section
 from mgpu import LLM, SamplingParams
 from mgpu.config import ModelConfig
 from mgpu.models.loader import demo_model_path
+from serve_throughput import run_mgpu
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -71,12 +77,40 @@ def throughput(llm: LLM, num_seqs: int, new_tokens: int, rounds: int) -> float:
     return best
 
 
+def serve_throughput(path: Path, flags: list[str], clients: int, tokens: int, rounds: int) -> float:
+    """Aggregate output tokens/s of ``clients`` streaming clients against ``mgpu serve``.
+
+    Args:
+        path: the model.
+        flags: ``mgpu serve`` flags beside the model and the port.
+        clients: concurrent clients.
+        tokens: completion length (EOS ignored).
+        rounds: requests each client sends one after the other.
+    """
+    cmd = [sys.executable, "-m", "mgpu.serve", str(path), "--port", "0", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            match = re.search(r"listening on (http://\S+)", line)
+            if match:
+                threading.Thread(target=proc.stdout.read, daemon=True).start()
+                run = asyncio.run(run_mgpu(match.group(1), clients, rounds, "uniform", tokens))
+                return run.tokens_per_s
+        raise RuntimeError(f"mgpu serve exited with status {proc.wait()}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure, print the table, and write it into docs/benchmarks.md unless --no-write."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-seqs", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--serve-clients", type=int, default=32, help="streaming clients")
+    parser.add_argument("--serve-rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     rows = []
@@ -100,7 +134,20 @@ def main(argv: list[str] | None = None) -> int:
                 tps = throughput(llm, 1, args.new_tokens, args.rounds)
             rows.append((label, 1, tps))
             print(f"{label}: {tps:.1f} tokens/s", file=sys.stderr)
+        flags = ["--device", "cpu", "--dtype", "float32", "-pp", "2", "--max-model-len", "512"]
+        flags += ["--num-gpu-blocks-override", "256", "--max-num-seqs", str(args.serve_clients)]
+        serving = []
+        for label, extra in (
+            ("mgpu serve -pp 2 --max-steps-in-flight 1", ["--max-steps-in-flight", "1"]),
+            ("mgpu serve -pp 2 (2 steps in flight)", []),
+        ):
+            tps = serve_throughput(
+                path, flags + extra, args.serve_clients, args.new_tokens, args.serve_rounds
+            )
+            serving.append((label, args.serve_clients, tps))
+            print(f"{label}: {tps:.1f} tokens/s", file=sys.stderr)
     speedup = rows[1][2] / rows[0][2]
+    serve_speedup = serving[1][2] / serving[0][2]
     load_after = os.getloadavg()[0]
     load = f"1-minute load average {load_before:.1f} at the start, {load_after:.1f} at the end"
     start, end = markers("pipeline_overlap", "cpu")
@@ -117,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         "| configuration | concurrent sequences | generated tokens/s |",
         "|---|---|---|",
         *[f"| {label} | {n} | {tps:.1f} |" for label, n, tps in rows],
+        *[f"| {label}, streaming clients | {n} | {tps:.1f} |" for label, n, tps in serving],
         "",
         f"Steps in flight against one at a time: {speedup:.2f}x; bubble fraction "
         f"1 - speedup / 2 = {1 - speedup / 2:.0%} (0% is a perfect two-stage pipeline). "
         "Model: random Llama, hidden 768, 8 layers, float32 (~57M parameters). With PP=2 each "
         "stage is pinned to its own core: steps in flight can only pay when both cores are free "
         "for the workers, which a load average above the core count rules out.",
+        "",
+        f"Serving, {args.serve_clients} streaming clients x {args.serve_rounds} requests of "
+        f"{args.new_tokens} tokens (benchmarks/serve_throughput.py's client): steps in flight "
+        f"against one at a time {serve_speedup:.2f}x. At PP=1 the engine always submits step "
+        "N+1 before it detokenises step N (there is no switch to compare against).",
         end,
     ]
     text = "\n".join(lines)

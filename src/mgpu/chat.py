@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, Protocol, TextIO
 
+from mgpu.entry import API_KEY_ENV
 from mgpu.errors import MgpuError
 
 #: Control characters a model could use to drive the terminal; replies are shown without them.
@@ -46,13 +47,11 @@ class ChatBackend(Protocol):
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    """The chat's own flags (the engine flags come from ``mgpu.cli.add_engine_arguments``).
+    """The chat's own flags (the engine flags come from :class:`mgpu.config.EngineArgs`).
 
     Args:
         parser: the ``chat`` subcommand's parser.
     """
-    from mgpu.serve import API_KEY_ENV
-
     g = parser.add_argument_group("chat")
     g.add_argument(
         "--url",

@@ -7,29 +7,18 @@ with status 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from mgpu.config import EngineArgs
-from mgpu.errors import MgpuError
+from mgpu.entry import Handler, engine_args, run_command
 
-Handler = Callable[[argparse.Namespace], int]
+__all__ = ["add_engine_arguments", "build_parser", "engine_args", "main"]
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that starts an engine: one per :class:`EngineArgs` field."""
     EngineArgs.add_cli_args(parser)
-
-
-def engine_args(args: argparse.Namespace) -> EngineArgs:
-    """The engine settings of parsed flags; a positional model (``mgpu serve MODEL``) counts too."""
-    positional = getattr(args, "model_tag", None)
-    if positional is not None:
-        if args.model is not None and args.model != positional:
-            raise MgpuError(f"two models given: {positional!r} and --model {args.model!r}")
-        args.model = positional
-    return EngineArgs.from_cli_args(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -75,12 +64,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from mgpu.serve import add_serve_arguments, run_server
+    from mgpu.serve import add_serve_command, run_server
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
-    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="as --model")
-    add_engine_arguments(p)
-    add_serve_arguments(p)
+    add_serve_command(p)
     p.set_defaults(handler=run_server)
 
 
@@ -146,22 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mgpu`` command; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    try:
-        if hasattr(args, "model_tag"):
-            engine_args(args)  # fold `mgpu serve MODEL` into --model, refusing two different ones
-        return handler(args)
-    except MgpuError as exc:
-        if args.debug:
-            raise
-        print(f"mgpu: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mgpu: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args, handler)
 
 
 if __name__ == "__main__":

@@ -350,9 +350,14 @@ class ParallelConfig:
                 f"tensor parallel size {tp} does not divide the model's "
                 f"{model.num_attention_heads} attention heads / "
                 f"{model.num_key_value_heads} KV heads; "
-                f"sizes that work: {', '.join(map(str, valid))}; for {devices} devices, "
-                f"--pipeline-parallel-size {devices} works (or leave the layout to --placement "
-                "auto)"
+                f"sizes that work: {', '.join(map(str, valid))}; "
+                + (
+                    f"for {devices} devices, --pipeline-parallel-size {devices} works"
+                    if devices <= model.num_hidden_layers
+                    else f"{devices} devices are more than its {model.num_hidden_layers} layers "
+                    "can be staged over"
+                )
+                + " (or leave the layout to --placement auto)"
             )
         if self.enable_expert_parallel and not model.is_moe:
             raise ConfigError(
@@ -449,6 +454,15 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return math.ceil(num_tokens / block_size)
 
 
+def cli_flag(name: str) -> str:
+    """The ``--flag`` of an :class:`EngineArgs` field: its name with ``_`` turned into ``-``.
+
+    Args:
+        name: the field's name.
+    """
+    return f"--{name.replace('_', '-')}"
+
+
 def _arg(default: Any, help: str, **cli: Any) -> Any:
     """A settings field: its default, its help (the CLI's too) and argparse extras."""
     return field(default=default, metadata={"help": help, **cli})
@@ -516,6 +530,12 @@ class EngineArgs:
         None,
         "CPU only: memory of each device, e.g. 24GiB,12GiB (one entry per rank; a single entry "
         "is the whole engine's budget under a manual layout); default: the available RAM",
+    )
+    device_speed: str | None = _arg(
+        None,
+        "relative throughput of each device, e.g. 2,1 (one entry per device, as --device-memory): "
+        "an automatic pipeline gives faster devices more layers where their memory allows; "
+        "default: on CUDA each GPU's memory bandwidth from the GPU table, on CPU equal",
     )
     placement: str = _arg(
         "auto",
@@ -623,7 +643,7 @@ class EngineArgs:
         groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            names = [f"--{f.name.replace('_', '-')}", *meta.get("flags", ())]
+            names = [cli_flag(f.name), *meta.get("flags", ())]
             group = groups[meta.get("group", "engine")]
             if isinstance(f.default, bool):
                 # A switch that is on by default also gets its --no-... form (vLLM's).
@@ -643,6 +663,32 @@ class EngineArgs:
                 nargs=meta.get("nargs"),
                 help=meta["help"],
             )
+
+    def to_cli_args(self, include: tuple[str, ...] = ()) -> list[str]:
+        """The command-line arguments that give these settings, under the flags
+        :meth:`add_cli_args` defines: each field that differs from its default (and each named in
+        ``include``), in field order. Printed commands are built with it, so a renamed field
+        renames the printed flag too.
+
+        Args:
+            include: fields to write even at their default value.
+        """
+        import dataclasses
+
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or (value == f.default and f.name not in include):
+                continue
+            flag = cli_flag(f.name)
+            if isinstance(f.default, bool):
+                if value != f.default:  # --x for a switch that is off by default, else --no-x
+                    out.append(flag if value else f"--no-{flag[2:]}")
+            elif isinstance(value, tuple):
+                out += [flag, ",".join(map(str, value))]
+            else:
+                out += [flag, str(value)]
+        return out
 
     @classmethod
     def from_cli_args(cls, args: Any) -> EngineArgs:
@@ -669,6 +715,7 @@ class EngineArgs:
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "device_memory": self.device_memory,
+            "device_speed": self.device_speed,
             "placement": self.placement,
             "block_size": self.block_size,
             "num_blocks": self.num_gpu_blocks_override,
@@ -694,7 +741,7 @@ class EngineArgs:
         for name, why in IGNORED_BECAUSE.items():
             value = getattr(self, name)
             if value != defaults[name] and not (name == "kv_cache_dtype" and value == "auto"):
-                parts.append(f"--{name.replace('_', '-')} ({why})")
+                parts.append(f"{cli_flag(name)} ({why})")
         return "ignored: " + "; ".join(parts) if parts else None
 
 

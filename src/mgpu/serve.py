@@ -17,11 +17,24 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mgpu.config import EngineArgs
+from mgpu.entry import API_KEY_ENV, run_command
 from mgpu.errors import ConfigError
 from mgpu.monitor.watch import MonitorConfig
 
-#: Environment variable read when ``--api-key`` is not given.
-API_KEY_ENV = "MGPU_API_KEY"
+__all__ = ["API_KEY_ENV", "add_serve_arguments", "add_serve_command", "main", "run_server"]
+
+
+def add_serve_command(parser: argparse.ArgumentParser) -> None:
+    """Everything ``mgpu serve`` takes: the positional model, the engine flags (one per
+    :class:`~mgpu.config.EngineArgs` field) and the server's own flags.
+
+    Args:
+        parser: the ``serve`` subcommand's parser, or ``python -m mgpu.serve``'s.
+    """
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="as --model")
+    EngineArgs.add_cli_args(parser)
+    add_serve_arguments(parser)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +109,6 @@ def run_server(args: argparse.Namespace) -> int:
     Args:
         args: parsed ``serve`` flags (engine and server).
     """
-    from mgpu.config import EngineArgs
     from mgpu.engine.headless import dry_run, run_headless
     from mgpu.engine.llm_engine import LLMEngine
     from mgpu.server.app import ServerConfig, build_app
@@ -250,9 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: the flags (default: ``sys.argv[1:]``).
     """
-    from mgpu.cli import main as cli_main
-
-    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(
+        prog="python -m mgpu.serve", description="The same as `mgpu serve`."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_serve_command(parser)
+    return run_command(parser.parse_args(argv), run_server)
 
 
 if __name__ == "__main__":

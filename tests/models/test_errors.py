@@ -40,9 +40,11 @@ def test_unsupported_architecture(
 
 
 def test_tp_size_not_dividing_heads(capsys: pytest.CaptureFixture[str], tiny_llama: Path) -> None:
-    code, err = run_cli(capsys, "--model", str(tiny_llama), "--tensor-parallel-size", "3")
+    """-tp 5 on 8 heads and 3 layers: neither a valid TP size nor PP 5 fits 5 devices (a size that
+    can be fitted, like -tp 3, runs as PP 3: tests/distributed/test_placement.py)."""
+    code, err = run_cli(capsys, "--model", str(tiny_llama), "--tensor-parallel-size", "5")
     assert code == 2
-    assert "tensor parallel size 3 does not divide" in err
+    assert "tensor parallel size 5 does not divide" in err
     assert "sizes that work: 1, 2, 4, 8" in err
 
 

@@ -448,7 +448,7 @@ def test_quantized_commands_follow_the_formats_the_engine_offers(
         "does not load fp8" in plan("Llama-3.1-8B", "1x4090", quantization="fp8").commands["mgpu"]
     )
     # An engine without the format gets no command, whatever the planner knows of it.
-    offered = {**commands._serve_options(), "--quantization": ("int8",)}
+    offered = {**commands._serve_options(), "quantization": ("int8",)}
     monkeypatch.setattr(commands, "_serve_options", lambda: offered)
     assert plan("llama3.3:70b", "2x4090").commands["mgpu"].startswith("# no mgpu serve command")
 

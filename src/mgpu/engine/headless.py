@@ -35,6 +35,9 @@ class ResolvedPlan:
     device: str
     dtype: torch.dtype
     rank_memory_bytes: tuple[int, ...] | None = None
+    #: The placement's line when it chose something other than what was asked (see
+    #: :func:`mgpu.engine.placement.resolve_layout`).
+    note: str | None = None
 
 
 def resolve(args: EngineArgs) -> ResolvedPlan:
@@ -53,6 +56,7 @@ def resolve(args: EngineArgs) -> ResolvedPlan:
         layer_split=args.layer_split,
         placement=args.placement,
         device_memory=args.device_memory,
+        device_speed=args.device_speed,
         enable_expert_parallel=args.enable_expert_parallel,
     )
 
@@ -69,6 +73,7 @@ def resolve_engine(
     placement: str,
     device_memory: str | float | list | tuple | None,
     enable_expert_parallel: bool,
+    device_speed: str | float | list | tuple | None = None,
 ) -> ResolvedPlan:
     """Everything a start decides before reading a weight or spawning a rank; the one place
     :class:`~mgpu.engine.llm_engine.LLMEngine`, ``--dry-run`` and headless nodes decide it.
@@ -84,6 +89,10 @@ def resolve_engine(
         placement: ``"auto"`` or ``"manual"``.
         device_memory: CPU budgets (see :func:`mgpu.engine.placement.parse_device_memory`).
         enable_expert_parallel: whole experts per TP rank (MoE models).
+        device_speed: relative device throughput (see
+            :func:`mgpu.engine.placement.parse_device_speed`).
+
+    The placement's line, when it chose something other than what was asked, is printed here.
     """
     path = resolve_model_path(model if model is not None else demo_model_path())
     if path.is_file():  # a GGUF file or Ollama blob, not a HF directory
@@ -100,7 +109,7 @@ def resolve_engine(
     # Quantized weights run their fused kernels with bf16 activations (docs/quantization.md).
     auto = torch.bfloat16 if quantization else parse_dtype(config.torch_dtype)
     torch_dtype = parse_dtype(dtype, auto)
-    parallel, rank_memory = resolve_layout(
+    placed = resolve_layout(
         config,
         torch.finfo(torch_dtype).bits // 8,
         device,
@@ -109,11 +118,17 @@ def resolve_engine(
         tuple(layer_split) if layer_split else None,
         placement,
         device_memory,
+        device_speed,
     )
+    parallel = placed.parallel_config
     if enable_expert_parallel:
         parallel = dataclasses.replace(parallel, enable_expert_parallel=True)
     parallel.check_model(config)
-    return ResolvedPlan(path, config, parallel, device, torch_dtype, rank_memory)
+    if placed.note:
+        print(f"mgpu: {placed.note}", flush=True)
+    return ResolvedPlan(
+        path, config, parallel, device, torch_dtype, placed.rank_memory_bytes, placed.note
+    )
 
 
 def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]]:

@@ -132,6 +132,8 @@ class LLMEngine:
         gpu_memory_utilization: fraction of each device's memory the engine may use.
         device_memory: on CPU, each device's memory, e.g. ``"24GiB,12GiB"`` or a list (one per
             rank; one entry under a manual layout is the whole engine's); default: free RAM.
+        device_speed: each device's relative throughput, e.g. ``"2,1"`` (an automatic pipeline
+            gives faster devices more layers; default: on CUDA the GPU table's bandwidths).
         placement: ``"auto"`` builds the layout from the devices' memory when no TP/PP size or
             layer split is given (see :mod:`mgpu.engine.placement`); ``"manual"`` does not.
         block_size: tokens per KV block.
@@ -175,6 +177,7 @@ class LLMEngine:
         max_num_batched_tokens: int | None = None,
         gpu_memory_utilization: float = 0.9,
         device_memory: str | float | list | None = None,
+        device_speed: str | float | list | None = None,
         placement: str = "auto",
         block_size: int = 16,
         num_blocks: int | None = None,
@@ -207,6 +210,7 @@ class LLMEngine:
             placement=placement,
             device_memory=device_memory,
             enable_expert_parallel=enable_expert_parallel,
+            device_speed=device_speed,
         )
         self.model_path, self.model_config = plan.model_path, plan.model_config
         self.parallel_config = plan.parallel_config

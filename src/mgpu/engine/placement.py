@@ -1,25 +1,38 @@
-"""Automatic placement: the layout the engine builds when none is given, from each device's memory.
+"""Automatic placement: the layout the engine builds when none is given, from each device's memory
+and speed.
 
 Weight bytes come from :func:`mgpu.memory.weight_bytes_per_rank`, the formula the planner and the
-KV-cache allocator use, so a refusal here is the planner's own arithmetic. The rule:
+KV-cache allocator use, and the layer split from the planner's
+:func:`~mgpu.planner.placement.split_layers`, so a refusal here is the planner's own arithmetic.
+The rule:
 
 * the model fits one device (weights plus a KV reserve): one rank;
-* equal devices whose count is a valid TP size for the model: tensor parallelism over all of them;
-* otherwise a pipeline over all devices, with an uneven layer split that gives each stage layers in
-  proportion to what its memory holds (the stages with the embedding or the LM head take fewer);
+* equal devices (memory and speed) whose count is a valid TP size for the model: tensor
+  parallelism over all of them. On unequal devices TP does not pay: every rank of a layer waits
+  for the slowest and holds as much as the smallest;
+* otherwise a pipeline over all devices, with an uneven layer split: in proportion to each
+  device's speed where its memory allows, or (speeds unknown) to what its memory holds; the
+  stages with the embedding or the LM head take fewer;
 * all devices together too small: refused before any weight is read, with the shortfall in GiB.
 
-On CPU, ``--device-memory 24GiB,12GiB`` describes the devices (one budget per rank), so unequal
-placement can be tested without GPUs.
+On CPU, ``--device-memory 24GiB,12GiB`` and ``--device-speed 2,1`` describe the devices (one entry
+per rank), so unequal placement can be tested without GPUs; on CUDA the memory is each GPU's and
+the speed its memory bandwidth from the planner's GPU table (decode reads every weight once).
+
+An explicit ``--tensor-parallel-size`` the model's heads do not divide keeps its device count:
+the largest TP size below it that divides both the heads and the device count, the rest made up
+with pipeline stages (``-tp 3`` on 32 heads: PP 3; ``-tp 6``: TP 2 x PP 3), announced in one line.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from mgpu.config import ModelConfig, ParallelConfig, valid_tp_sizes
 from mgpu.errors import ConfigError
 from mgpu.memory import weight_bytes_per_rank
+from mgpu.planner.placement import split_layers
 
 GIB = 2**30
 #: Share of a device kept for the KV cache and activations when deciding whether weights fit.
@@ -57,6 +70,27 @@ def parse_device_memory(value: str | float | list | tuple | None) -> tuple[int, 
     return tuple(parse_memory(v) for v in value)
 
 
+def parse_device_speed(value: str | float | list | tuple | None) -> tuple[float, ...] | None:
+    """Relative throughput of each device from ``"2,1"``, a list, or one number.
+
+    Args:
+        value: the ``--device-speed`` setting.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple):
+        value = [value]
+    try:
+        speeds = tuple(float(v) for v in value)
+    except ValueError:
+        raise ConfigError(f"--device-speed takes numbers like 2,1, got {value!r}") from None
+    if any(v <= 0 for v in speeds):
+        raise ConfigError(f"--device-speed entries must be positive, got {value!r}")
+    return speeds
+
+
 def _stage_bytes(model: ModelConfig, bits: int, tp: int, split: tuple[int, ...]) -> list[int]:
     pp, start, out = len(split), 0, []
     for i, n in enumerate(split):
@@ -69,27 +103,32 @@ def _stage_bytes(model: ModelConfig, bits: int, tp: int, split: tuple[int, ...])
     return out
 
 
-def balanced_split(model: ModelConfig, bits: int, budgets: tuple[int, ...]) -> tuple[int, ...]:
-    """Layers per stage: each next layer goes to the stage with the lowest load-to-budget ratio.
+def balanced_split(
+    model: ModelConfig,
+    bits: int,
+    budgets: tuple[int, ...],
+    speeds: tuple[float, ...] | None = None,
+) -> tuple[int, ...]:
+    """Layers per stage, with the planner's :func:`~mgpu.planner.placement.split_layers`: by
+    ``speeds`` where ``budgets`` allow, or by ``budgets`` alone.
 
     Args:
         model: the architecture.
         bits: bits per weight.
         budgets: bytes each stage may fill with weights.
+        speeds: relative throughput of each stage (None: split by memory).
     """
-    pp, layers = len(budgets), model.num_hidden_layers
-    counts = [1] * pp
+    pp = len(budgets)
     per_layer = weight_bytes_per_rank(model, bits, 1, (0, 1), False, False, bits // 8)
-    load = _stage_bytes(model, bits, 1, tuple(counts))
-    for _ in range(layers - pp):
-        best = min(range(pp), key=lambda i: (load[i] + per_layer) / budgets[i])
-        counts[best] += 1
-        load[best] += per_layer
-    return tuple(counts)
+    fixed = [b - per_layer for b in _stage_bytes(model, bits, 1, (1,) * pp)]
+    return split_layers(model.num_hidden_layers, per_layer, fixed, budgets, speeds)
 
 
 def auto_layout(
-    model: ModelConfig, bytes_per_element: int, device_bytes: tuple[int, ...]
+    model: ModelConfig,
+    bytes_per_element: int,
+    device_bytes: tuple[int, ...],
+    device_speed: tuple[float, ...] | None = None,
 ) -> ParallelConfig:
     """The layout for ``device_bytes`` (one entry per device), or a refusal naming the shortfall.
 
@@ -97,13 +136,18 @@ def auto_layout(
         model: the architecture.
         bytes_per_element: weight dtype size.
         device_bytes: memory of each device, in bytes.
+        device_speed: relative throughput of each device (None: unknown, split by memory).
     """
     bits = bytes_per_element * 8
     usable = tuple(int(b * (1 - KV_RESERVE)) for b in device_bytes)
+    n = len(usable)
+    if device_speed is not None and len(device_speed) != n:
+        raise ConfigError(
+            f"--device-speed lists {len(device_speed)} devices but --device-memory lists {n}"
+        )
     whole = weight_bytes_per_rank(model, bits, 1, vector_bytes=bytes_per_element)
     if whole <= usable[0]:
         return ParallelConfig(1, 1)
-    n = len(usable)
     if whole > sum(usable):
         short = (whole - sum(usable)) / GIB
         raise ConfigError(
@@ -112,11 +156,12 @@ def auto_layout(
             f"{short:.2f} GiB short; it would fit with {short:.2f} GiB more memory, or at a "
             "smaller dtype (--dtype bfloat16 halves float32 weights)"
         )
-    if len(set(usable)) == 1 and n in valid_tp_sizes(model):
+    equal_speed = device_speed is None or len(set(device_speed)) == 1
+    if len(set(usable)) == 1 and equal_speed and n in valid_tp_sizes(model):
         return ParallelConfig(n, 1)
     if n > model.num_hidden_layers:
         raise ConfigError(f"{n} devices but the model has only {model.num_hidden_layers} layers")
-    split = balanced_split(model, bits, usable)
+    split = balanced_split(model, bits, usable, None if equal_speed else device_speed)
     for i, (need, have) in enumerate(zip(_stage_bytes(model, bits, 1, split), usable, strict=True)):
         if need > have:
             raise ConfigError(
@@ -124,6 +169,78 @@ def auto_layout(
                 f"device offers {have / GIB:.2f} GiB ({(need - have) / GIB:.2f} GiB short)"
             )
     return ParallelConfig(1, n, split)
+
+
+def fit_tensor_parallel(
+    model: ModelConfig, config: ParallelConfig
+) -> tuple[ParallelConfig, str | None]:
+    """A layout for an explicit TP size the model's heads do not divide, on the same devices.
+
+    The largest TP size below the requested one that divides the heads (:func:`valid_tp_sizes`)
+    and the device count, the remaining factor as pipeline stages. Returns the layout and the line
+    that says what was chosen and why (None when ``config`` is valid as given).
+
+    Args:
+        model: the architecture.
+        config: the layout asked for.
+    """
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    valid = valid_tp_sizes(model)
+    if tp in valid:
+        return config, None
+    devices = tp * pp
+    layers = model.num_hidden_layers
+    options = [t for t in valid if t < tp and devices % t == 0 and devices // t <= layers]
+    if not options:
+        return config, None  # nothing on these devices works: check_model names the valid sizes
+    new_tp = max(options)
+    new_pp = devices // new_tp
+    split = config.layer_split
+    if split is not None and len(split) != new_pp:
+        raise ConfigError(
+            f"-tp {tp} does not divide the model's {model.num_attention_heads} attention heads; "
+            f"on {devices} devices TP {new_tp} x PP {new_pp} works, but --layer-split lists "
+            f"{len(split)} stages: give {new_pp} entries or leave it out"
+        )
+    fitted = ParallelConfig(new_tp, new_pp, split, config.enable_expert_parallel)
+    note = (
+        f"placement: -tp {tp} does not divide the model's {model.num_attention_heads} attention "
+        f"heads / {model.num_key_value_heads} KV heads (TP sizes that do: "
+        f"{', '.join(map(str, valid))}); running TP {new_tp} x PP {new_pp} on the same "
+        f"{devices} devices instead"
+    )
+    return fitted, note
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What :func:`resolve_layout` decided."""
+
+    parallel_config: ParallelConfig
+    #: On CPU, each rank's memory budget in bytes (None: the available RAM).
+    rank_memory_bytes: tuple[int, ...] | None
+    #: One line saying what was chosen instead of what was asked, and why (None: as asked).
+    note: str | None = None
+
+
+def _cuda_devices() -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+    """Each visible GPU's memory, and its bandwidth from the planner's GPU table (None when a GPU
+    is not in it)."""
+    import torch
+
+    from mgpu.planner.hardware import find_gpu
+
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    speeds: list[float] = []
+    for p in props:
+        try:
+            bandwidth = find_gpu(p.name)[0].bandwidth_gbs
+        except ConfigError:
+            bandwidth = None
+        if bandwidth is None:
+            return tuple(p.total_memory for p in props), None
+        speeds.append(bandwidth)
+    return tuple(p.total_memory for p in props), tuple(speeds)
 
 
 def resolve_layout(
@@ -135,12 +252,14 @@ def resolve_layout(
     layer_split: tuple[int, ...] | None,
     placement: str = "auto",
     device_memory: str | float | list | tuple | None = None,
-) -> tuple[ParallelConfig, tuple[int, ...] | None]:
+    device_speed: str | float | list | tuple | None = None,
+) -> Placement:
     """The layout to build and, on CPU, each rank's memory budget in bytes.
 
     A layout given by any of ``tensor_parallel_size``, ``pipeline_parallel_size`` and
-    ``layer_split`` is taken as it is; otherwise ``placement="auto"`` picks one with
-    :func:`auto_layout` from ``device_memory`` (CPU) or each visible GPU's memory.
+    ``layer_split`` is taken as it is (a TP size the heads do not divide is fitted with
+    :func:`fit_tensor_parallel`); otherwise ``placement="auto"`` picks one with
+    :func:`auto_layout` from ``device_memory`` and ``device_speed`` (CPU) or each visible GPU.
 
     Args:
         model: the architecture.
@@ -151,23 +270,41 @@ def resolve_layout(
         layer_split: layers per stage, if given.
         placement: ``"auto"`` or ``"manual"``.
         device_memory: CPU budgets (see :func:`parse_device_memory`).
+        device_speed: relative device throughput (see :func:`parse_device_speed`); on CUDA it
+            replaces the GPU table's bandwidths.
     """
     if placement not in ("auto", "manual"):
         raise ConfigError(f"--placement must be auto or manual, got {placement!r}")
     budgets = parse_device_memory(device_memory)
+    speeds = parse_device_speed(device_speed)
     manual = tensor_parallel_size is not None or pipeline_parallel_size is not None
     manual = manual or layer_split is not None or placement == "manual"
+    note = None
     if manual:
         pp = pipeline_parallel_size or (len(layer_split) if layer_split else 1)
         config = ParallelConfig(tensor_parallel_size or 1, pp, layer_split)
+        config, note = fit_tensor_parallel(model, config)
     else:
         devices = budgets
         if device == "cuda":
-            import torch
-
-            count = torch.cuda.device_count()
-            devices = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(count))
-        config = auto_layout(model, bytes_per_element, devices) if devices else ParallelConfig()
+            devices, table_speeds = _cuda_devices()
+            speeds = speeds or table_speeds
+        if devices and speeds is not None and len(speeds) == 1:
+            speeds = speeds * len(devices)
+        config = auto_layout(model, bytes_per_element, devices, speeds) if devices else None
+        config = config or ParallelConfig()
+        if budgets is not None and config.world_size < len(budgets):
+            budgets = budgets[: config.world_size]  # fits the first device(s): the rest stay idle
+        if config.layer_split is not None:
+            note = (
+                f"placement auto: PP {config.pipeline_parallel_size}, layers per stage "
+                f"{','.join(map(str, config.layer_split))} "
+                + (
+                    "by device speed within memory"
+                    if speeds and len(set(speeds)) > 1
+                    else "by memory"
+                )
+            )
     world = config.world_size
     if budgets is not None and device == "cpu":
         if len(budgets) == 1 and world > 1:
@@ -176,4 +313,4 @@ def resolve_layout(
             raise ConfigError(
                 f"--device-memory lists {len(budgets)} devices but the layout has {world} ranks"
             )
-    return config, budgets if device == "cpu" else None
+    return Placement(config, budgets if device == "cpu" else None, note)

@@ -9,6 +9,14 @@ only the rows or columns this rank owns, so no rank ever materialises the full m
     ColumnParallelLinear  W (out, in): rank r holds rows    [r*out/tp, (r+1)*out/tp)  -> no comm
     RowParallelLinear     W (out, in): rank r holds columns [r*in/tp,  (r+1)*in/tp)   -> all-reduce
 
+A width the TP size does not divide (an MLP's intermediate size, ``pad=True``) is padded: every
+rank holds ``ceil(width / tp)`` rows or columns (rounded up to the int4 group size when quantizing
+to int4), and the rows or columns past the checkpoint's width are zeros. For the gated MLP that is
+exact: a zero gate/up row gives ``act(0) * 0 = 0``, and a zero down column adds nothing::
+
+    intermediate 10, TP 4 -> 3 per rank: rank 0 [0, 3), rank 1 [3, 6), rank 2 [6, 9),
+                                          rank 3 [9, 10) + 2 zero rows
+
 The layer owns this geometry; how the shard is stored and multiplied (plain float, int8, int4,
 converted GGUF blocks) is its ``quant_method`` (see ``layers.quantization``), chosen at
 construction from the active :func:`~mgpu.layers.quantization.base.quantization_scope`.
@@ -60,6 +68,47 @@ def load_replicated(param: nn.Parameter, loaded: LazyTensor, shard_id: object = 
     """Loader of a parameter every rank holds in full (norms, biases of row-parallel layers)."""
     check_shape(loaded, param.shape, getattr(param, "checkpoint_name", "?"))
     _copy(param, loaded[...])
+
+
+def padded_shard(size: int, tp: int, multiple: int = 1) -> int:
+    """Rows (or columns) of a ``size``-wide dimension that each of ``tp`` ranks holds.
+
+    ``size / tp`` when it divides; otherwise ``ceil(size / tp)`` rounded up to ``multiple``, the
+    ranks past ``size`` holding zeros.
+
+    Args:
+        size: the checkpoint's width.
+        tp: tensor-parallel size.
+        multiple: what a padded shard is rounded up to (a quantization group).
+    """
+    if size % tp == 0:
+        return size // tp
+    local = -(-size // tp)
+    return -(-local // multiple) * multiple
+
+
+def _pad_multiple(quant_config: QuantizationConfig | None) -> int:
+    """int4 packs its columns in groups; a padded shard keeps whole groups (1 otherwise)."""
+    config = quant_config if quant_config is not None else current_quant_config()
+    if getattr(config, "bits", None) == 4:
+        return int(getattr(config, "group_size", 1))
+    return 1
+
+
+class _FloatView:
+    """A checkpoint tensor without its ``read_packed``: a padded shard is read as floats and
+    padded, since a GGUF file's packed blocks cannot be padded in place."""
+
+    def __init__(self, loaded: LazyTensor):
+        self._loaded = loaded
+        self.shape = loaded.shape
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self._loaded[index]
+
+
+def _clip(window: slice, size: int) -> slice:
+    return slice(min(window.start, size), min(window.stop, size))
 
 
 def _param(shape: tuple[int, ...], loader: object) -> nn.Parameter:
@@ -114,6 +163,8 @@ class LinearBase(nn.Module):
         self.input_size, self.local_input, self.input_start = input_size, local_input, input_start
         self.output_sizes = list(output_sizes)
         self.local_sizes = list(local_sizes)
+        # Set by a subclass that pads its shards (see the module docstring).
+        self.is_padded: bool = getattr(self, "is_padded", False)
         config = quant_config if quant_config is not None else current_quant_config()
         self.quant_method: LinearMethodBase = (
             config.get_linear_method(self) if config is not None else UnquantizedLinearMethod()
@@ -133,30 +184,43 @@ class LinearBase(nn.Module):
         return (rows,) if param is not None and param is self.bias else (rows, self.input_size)
 
     def shard_window(self, shard_id: int) -> tuple[slice, slice | None]:
-        """(rows, columns or None for all) of the full weight ``shard_id`` that this rank holds."""
+        """(rows, columns or None for all) of the full weight ``shard_id`` that this rank holds;
+        a padded shard's window stops at the checkpoint's width (and may be empty)."""
         _, start, rows = self.shard_rows(shard_id)
         cols = None
         if self.local_input != self.input_size:
-            cols = slice(self.input_start, self.input_start + self.local_input)
-        return slice(start, start + rows), cols
+            window = slice(self.input_start, self.input_start + self.local_input)
+            cols = _clip(window, self.input_size)
+        return _clip(slice(start, start + rows), self.output_sizes[shard_id]), cols
 
     def read_shard(self, loaded: LazyTensor, shard_id: int, param: nn.Parameter) -> torch.Tensor:
-        """This rank's part of the full weight ``shard_id`` as a float tensor (shape-checked)."""
+        """This rank's part of the full weight ``shard_id`` as a float tensor (shape-checked),
+        zero-padded to the shard's shape when the layer pads."""
         check_shape(loaded, self.full_shape(None, shard_id), _name(param))
         rows, cols = self.shard_window(shard_id)
+        local_rows = self.shard_rows(shard_id)[2]
+        if rows.stop == rows.start or (cols is not None and cols.stop == cols.start):
+            return torch.zeros(local_rows, self.local_input)  # a rank wholly in the padding
         if cols is None:
-            return loaded[rows]
-        if rows.start == 0 and rows.stop == loaded.shape[0]:
-            return loaded[:, cols]
-        return loaded[rows, cols]
+            part = loaded[rows]
+        elif rows.start == 0 and rows.stop == loaded.shape[0]:
+            part = loaded[:, cols]
+        else:
+            part = loaded[rows, cols]
+        # (rows read, columns read) -> (local rows, local_input), zeros past the width.
+        return F.pad(part, (0, self.local_input - part.shape[1], 0, local_rows - part.shape[0]))
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: int = 0) -> None:
         """Load fused output ``shard_id`` of the weight (via the method) or of the bias."""
         if param is self.bias:
             check_shape(loaded, self.full_shape(param, shard_id), _name(param))
             offset, start, rows = self.shard_rows(shard_id)
-            _copy(param[offset : offset + rows], loaded[start : start + rows])
+            window = _clip(slice(start, start + rows), self.output_sizes[shard_id])
+            values = loaded[window] if window.stop > window.start else torch.zeros(0)
+            _copy(param[offset : offset + rows], F.pad(values, (0, rows - values.shape[0])))
         else:
+            if self.is_padded and hasattr(loaded, "read_packed"):
+                loaded = _FloatView(loaded)
             self.quant_method.weight_loader(self, param, loaded, shard_id or 0)
 
     def process_weights_after_loading(self) -> None:
@@ -178,6 +242,8 @@ class ColumnParallelLinear(LinearBase):
         bias: whether the projection has a bias.
         local_sizes: rows of each output this rank holds (default: an even split).
         quant_config: the quantization (default: the active ``quantization_scope``'s).
+        pad: zero-pad an output width the TP size does not divide (exact for a gated MLP's
+            gate/up rows, see the module docstring) instead of refusing it.
     """
 
     def __init__(
@@ -187,13 +253,18 @@ class ColumnParallelLinear(LinearBase):
         bias: bool = False,
         local_sizes: Sequence[int] | None = None,
         quant_config: QuantizationConfig | None = None,
+        pad: bool = False,
     ):
         tp = ps.get_tp_size()
         if local_sizes is None:
             for size in output_sizes:
-                if size % tp:
+                if size % tp and not pad:
                     raise ModelLoadError(f"output width {size} does not divide by TP size {tp}")
-            local_sizes = [s // tp for s in output_sizes]
+            multiple = _pad_multiple(quant_config)
+            local_sizes = [padded_shard(s, tp, multiple) for s in output_sizes]
+            self.is_padded = any(
+                n * tp != s for n, s in zip(local_sizes, output_sizes, strict=True)
+            )
         self.bias: nn.Parameter | None = None
         super().__init__(input_size, output_sizes, input_size, local_sizes, 0, quant_config)
         if bias:
@@ -262,6 +333,8 @@ class RowParallelLinear(LinearBase):
         output_size: width of y.
         bias: whether the projection has a bias (added once, after the all-reduce).
         quant_config: the quantization (default: the active ``quantization_scope``'s).
+        pad: zero-pad an input width the TP size does not divide (a gated MLP's down columns)
+            instead of refusing it.
     """
 
     def __init__(
@@ -270,12 +343,14 @@ class RowParallelLinear(LinearBase):
         output_size: int,
         bias: bool = False,
         quant_config: QuantizationConfig | None = None,
+        pad: bool = False,
     ):
         tp = ps.get_tp_size()
-        if input_size % tp:
+        if input_size % tp and not pad:
             raise ModelLoadError(f"input width {input_size} does not divide by TP size {tp}")
         self.output_size = output_size
-        local_input = input_size // tp
+        local_input = padded_shard(input_size, tp, _pad_multiple(quant_config))
+        self.is_padded = local_input * tp != input_size
         self.bias: nn.Parameter | None = None
         super().__init__(
             input_size,

@@ -86,15 +86,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """Gated MLP (SwiGLU, or GeGLU for Gemma): fused gate/up (column) and down (row-parallel)."""
+    """Gated MLP (SwiGLU, or GeGLU for Gemma): fused gate/up (column) and down (row-parallel).
+
+    An intermediate size the TP size does not divide is zero-padded in both layers (gate/up rows
+    and down columns past it are zeros), which leaves the output exactly the same.
+    """
 
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
         inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(
-            config.hidden_size, [inter, inter], config.mlp_bias
+            config.hidden_size, [inter, inter], config.mlp_bias, pad=True
         )
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, pad=True)
         self.act = gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

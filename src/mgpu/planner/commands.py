@@ -7,19 +7,24 @@ parallelism with its row split.
 An ``mgpu serve`` command is printed only for what the engine runs, and what it runs is read from
 the engine itself rather than kept in a list here: the architecture from
 :data:`mgpu.models.registry.MODEL_REGISTRY` (through ``model_class``), a quantization or a GGUF file
-from the choices of ``mgpu serve --quantization`` and the KV-cache type from those of
-``--kv-cache-dtype``. Anything else gets a comment saying why, beside the vLLM and llama.cpp
-commands.
+from the choices of the :class:`~mgpu.config.EngineArgs` field ``quantization`` and the KV-cache
+type from those of ``kv_cache_dtype``. Anything else gets a comment saying why, beside the vLLM and
+llama.cpp commands.
+
+The command itself is an :class:`~mgpu.config.EngineArgs` written out by
+:meth:`~mgpu.config.EngineArgs.to_cli_args`, the same fields and flags ``mgpu serve`` parses, so a
+renamed setting cannot leave a stale flag in a printed command.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import shlex
 from dataclasses import dataclass
 from functools import cache
 
+from mgpu.config import EngineArgs
 from mgpu.planner.engines import EXPERT, LAYER_SPLIT, PIPELINE, TENSOR, TENSOR_PIPELINE
 from mgpu.planner.models import ModelSpec
 from mgpu.planner.quant import QuantFormat
@@ -78,22 +83,17 @@ def _visible(inputs: CommandInputs) -> str:
 
 @cache
 def _serve_options() -> dict[str, tuple[str, ...] | None]:
-    """``mgpu serve``'s flags and their choices (None: any value), from the engine's own parser."""
-    from mgpu.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    serve = sub.choices["serve"]
-    options: dict[str, tuple[str, ...] | None] = {}
-    for action in serve._actions:
-        for flag in action.option_strings:
-            options[flag] = tuple(action.choices) if action.choices is not None else None
-    return options
+    """``mgpu serve``'s engine settings and their choices (None: any value), from
+    :class:`~mgpu.config.EngineArgs`."""
+    return {
+        f.name: tuple(f.metadata["choices"]) if f.metadata.get("choices") else None
+        for f in dataclasses.fields(EngineArgs)
+    }
 
 
-def _accepted(flag: str, value: str) -> bool:
-    """Whether ``mgpu serve`` lists ``value`` among the choices of ``flag``."""
-    choices = _serve_options().get(flag)
+def _accepted(name: str, value: str) -> bool:
+    """Whether ``mgpu serve`` lists ``value`` among the choices of setting ``name``."""
+    choices = _serve_options().get(name)
     return choices is not None and value in choices
 
 
@@ -115,7 +115,7 @@ def _serve_quantization(inputs: CommandInputs) -> str | None:
             return None  # a GGUF type the engine does not decode
         wanted = ["gguf", fmt.name]
     wanted += [name for name in (fmt.vllm_name, fmt.name) if name]
-    return next((name for name in wanted if _accepted("--quantization", name)), None)
+    return next((name for name in wanted if _accepted("quantization", name)), None)
 
 
 def mgpu_refusal(inputs: CommandInputs) -> str | None:
@@ -145,10 +145,10 @@ def mgpu_refusal(inputs: CommandInputs) -> str | None:
         return (
             f"the engine does not load {fmt.name} yet (mgpu serve --quantization does not offer it)"
         )
-    if inputs.strategy == EXPERT and "--enable-expert-parallel" not in _serve_options():
+    if inputs.strategy == EXPERT and "enable_expert_parallel" not in _serve_options():
         return "the engine has no expert parallelism (mgpu serve has no --enable-expert-parallel)"
     kv = inputs.kv_cache_dtype
-    if kv not in ("auto", "f16", "bf16") and not _accepted("--kv-cache-dtype", kv):
+    if kv not in ("auto", "f16", "bf16") and not _accepted("kv_cache_dtype", kv):
         return f"the engine has no {kv} KV cache (mgpu serve --kv-cache-dtype does not offer it)"
     return None
 
@@ -168,31 +168,30 @@ def mgpu_command(inputs: CommandInputs) -> str:
         model = _gguf_ref(inputs)
     else:
         model = _model_ref(inputs)
-    parts = [
-        "mgpu serve",
-        f"--model {shlex.quote(model)}",
-        f"--tensor-parallel-size {inputs.tp}",
-        f"--pipeline-parallel-size {inputs.pp}",
-    ]
-    if inputs.pp > 1 and len(set(inputs.layer_split)) > 1:
-        parts.append(f"--layer-split {','.join(map(str, inputs.layer_split))}")
-    if inputs.strategy == EXPERT:
-        parts.append("--enable-expert-parallel")
+    split = inputs.pp > 1 and len(set(inputs.layer_split)) > 1
     quantization = _serve_quantization(inputs)
-    if quantization:
-        parts.append(f"--quantization {quantization}")
-    else:
+    kv = inputs.kv_cache_dtype
+    args = EngineArgs(
+        model=model,
+        tensor_parallel_size=inputs.tp,
+        pipeline_parallel_size=inputs.pp,
+        layer_split=inputs.layer_split if split else None,
+        enable_expert_parallel=inputs.strategy == EXPERT,
+        quantization=quantization,
         # A float plan names the dtype it assumed.
-        dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[inputs.fmt.name]
-        parts.append(f"--dtype {dtype}")
-    parts += [
-        f"--max-model-len {inputs.context}",
-        f"--max-num-seqs {inputs.concurrency}",
-        f"--gpu-memory-utilization {gpu_memory_utilization(inputs.memory_fraction):.2f}",
-    ]
-    if inputs.kv_cache_dtype not in ("auto", "f16", "bf16"):
-        parts.append(f"--kv-cache-dtype {inputs.kv_cache_dtype}")
-    return _visible(inputs) + " ".join(parts)
+        dtype="auto" if quantization else _FLOAT_DTYPES[inputs.fmt.name],
+        max_model_len=inputs.context,
+        max_num_seqs=inputs.concurrency,
+        gpu_memory_utilization=gpu_memory_utilization(inputs.memory_fraction),
+        kv_cache_dtype="auto" if kv in ("auto", "f16", "bf16") else kv,
+    )
+    # The plan's memory share is written even at the default, so the reader sees it.
+    argv = args.to_cli_args(include=("gpu_memory_utilization",))
+    return _visible(inputs) + shlex.join(["mgpu", "serve", *argv])
+
+
+#: The ``--dtype`` of a float plan's precision.
+_FLOAT_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
 def vllm_command(inputs: CommandInputs) -> str:

@@ -10,7 +10,8 @@ allocator uses. This module only decides *which* layers and shards land on each 
 
 Layer counts are balanced by memory: each next layer goes to the stage whose load-to-capacity ratio
 stays lowest, which gives an uneven split on unequal GPUs and moves a layer or two away from the
-stages that also hold the embedding or the LM head.
+stages that also hold the embedding or the LM head. :func:`split_layers` is that rule, and (given
+each stage's speed) the engine's automatic placement, which follows speed where memory allows.
 """
 
 from __future__ import annotations
@@ -210,21 +211,52 @@ def balanced_split(
     )
     last = weight_bytes_per_rank(model, bits_per_weight, tp, (0, 0), False, True, vec)
     capacity = []
-    load = []
+    fixed = []
     for index, devices in enumerate(stages):
         is_last = index == pp - 1
         reserved = engine.overhead_gib * GIB + activation_bytes(
             model, engine, kv_tp, workload, is_last
         )
         capacity.append(min(d.memory_gib for d in devices) * GIB - reserved)
-        load.append((first if index == 0 else 0) + (last if is_last else 0) + per_layer)
-    counts = [1] * pp
+        fixed.append((first if index == 0 else 0) + (last if is_last else 0))
+    return split_layers(layers, per_layer, fixed, capacity)
 
-    def ratio(i: int) -> float:
+
+def split_layers(
+    num_layers: int,
+    per_layer: float,
+    fixed: list[float] | tuple[float, ...],
+    capacity: list[float] | tuple[float, ...],
+    speed: list[float] | tuple[float, ...] | None = None,
+) -> tuple[int, ...]:
+    """Layers per stage, one at a time: by memory, or by speed where memory allows.
+
+    Without ``speed`` each next layer goes to the stage whose load-to-capacity ratio stays lowest
+    (the KV cache each stage has left stays in proportion to its memory). With ``speed`` it goes to
+    the stage that would finish it soonest, ``(layers + 1) / speed``, among the stages it still
+    fits on; a pipeline runs at the pace of its slowest stage, so layers follow each device's
+    throughput until a device's memory is full.
+
+    Args:
+        num_layers: decoder layers to place (at least one per stage).
+        per_layer: bytes one layer adds to a stage (weights, and KV cache where sized).
+        fixed: bytes each stage holds besides its layers (embedding, LM head).
+        capacity: bytes each stage may fill.
+        speed: relative throughput of each stage (None: split by memory).
+    """
+    pp = len(capacity)
+    counts = [1] * pp
+    load = [f + per_layer for f in fixed]
+
+    def memory_ratio(i: int) -> float:
         return (load[i] + per_layer) / capacity[i] if capacity[i] > 0 else float("inf")
 
-    for _ in range(layers - pp):
-        best = min(range(pp), key=ratio)
+    def by_speed(i: int) -> tuple[bool, float, float]:
+        assert speed is not None
+        return load[i] + per_layer > capacity[i], (counts[i] + 1) / speed[i], memory_ratio(i)
+
+    for _ in range(num_layers - pp):
+        best = min(range(pp), key=memory_ratio if speed is None else by_speed)
         counts[best] += 1
         load[best] += per_layer
     return tuple(counts)
