@@ -23,7 +23,7 @@ from mgpu.engine.llm_engine import LLMEngine
 from mgpu.engine.scheduler import Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError
-from mgpu.layers.linear import QKVParallelLinear, RowParallelLinear
+from mgpu.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from mgpu.lora.adapter import LoRAError, LoRAModule, read_adapter
 from mgpu.lora.layers import LoRALayer
 from mgpu.lora.manager import shard_pair
@@ -275,3 +275,51 @@ def test_sharded_deltas_assemble_the_full_delta(monkeypatch: pytest.MonkeyPatch)
         with set_forward_context(ForwardContext(None, mapping)):
             row_sum += lora_row(x_row[:, cols], torch.zeros(5, hidden))
     torch.testing.assert_close(row_sum, full_row)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_padded_mlp_deltas_assemble_the_full_delta(
+    tp: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An intermediate width the TP size does not divide (75) is zero-padded in the base layers;
+    the LoRA shards follow the same windows: each rank's gate/up delta is its real rows of the full
+    delta and zero on the padding, and the down_proj partial deltas, fed the padded activations,
+    sum to the full delta."""
+    torch.manual_seed(0)
+    hidden, inter, rank = 16, 75, 3
+    a_parts = [torch.randn(rank, hidden) for _ in range(2)]  # gate, up: (r, in)
+    b_parts = [torch.randn(inter, rank) for _ in range(2)]  # (inter, r)
+    a_down, b_down = torch.randn(rank, inter), torch.randn(hidden, rank)
+    x = torch.randn(5, hidden)  # (T, hidden)
+    act = torch.randn(5, inter)  # (T, inter): down_proj's input before sharding
+    mapping = _mapping([1] * 5)
+    full_gate_up = [x @ a.T @ b.T for a, b in zip(a_parts, b_parts, strict=True)]
+    full_down = act @ a_down.T @ b_down.T
+    down_sum = torch.zeros_like(full_down)
+    for r in range(tp):
+        _as_rank(monkeypatch, tp, r)
+        gate_up = MergedColumnParallelLinear(hidden, [inter, inter], pad=True)
+        assert gate_up.is_padded
+        lora = LoRALayer(gate_up, S, R, torch.float32, torch.device("cpu"))
+        pairs = [
+            shard_pair(gate_up, p, a, b)
+            for p, (a, b) in enumerate(zip(a_parts, b_parts, strict=True))
+        ]
+        lora.set_slot(1, pairs, 1.0)
+        with set_forward_context(ForwardContext(None, mapping)):
+            local = lora(x, torch.zeros(5, sum(gate_up.local_sizes)))  # (T, gate_r | up_r)
+        n = gate_up.local_sizes[0]
+        start, stop = min(r * n, inter), min((r + 1) * n, inter)
+        for p in range(2):
+            part = local[:, p * n : (p + 1) * n]  # (T, n)
+            torch.testing.assert_close(part[:, : stop - start], full_gate_up[p][:, start:stop])
+            assert not part[:, stop - start :].any()  # the padding's rows stay zero
+        down = RowParallelLinear(inter, hidden, pad=True)
+        lora_down = LoRALayer(down, S, R, torch.float32, torch.device("cpu"))
+        lora_down.set_slot(1, [shard_pair(down, 0, a_down, b_down)], 1.0)
+        padded = torch.zeros(5, down.local_input)  # (T, local_input), zeros past the width
+        cols = slice(min(down.input_start, inter), min(down.input_start + down.local_input, inter))
+        padded[:, : cols.stop - cols.start] = act[:, cols]
+        with set_forward_context(ForwardContext(None, mapping)):
+            down_sum += lora_down(padded, torch.zeros(5, hidden))
+    torch.testing.assert_close(down_sum, full_down)

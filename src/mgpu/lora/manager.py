@@ -137,8 +137,19 @@ def shard_pair(
         a: the full lora_A (r, in), read lazily (a safetensors slice) or a tensor.
         b: the full lora_B (out, r), likewise.
     """
+    # The layer's own window of the checkpoint: on a padded layer (an MLP width the TP size does
+    # not divide) it stops at the real width, and the padding's A columns / B rows stay zero.
+    rows, cols = base.shard_window(part)
     if isinstance(base, RowParallelLinear):
-        cols = slice(base.input_start, base.input_start + base.local_input)
-        return a[:, cols], b[:]  # (r, in_local), (out, r)
-    _, start, rows = base.shard_rows(part)
-    return a[:], b[start : start + rows]  # (r, in), (rows, r)
+        r = a.shape[0]
+        local_a = torch.zeros(r, base.local_input)  # (r, in_local)
+        if cols is None:
+            local_a = a[:]
+        elif cols.stop > cols.start:
+            local_a[:, : cols.stop - cols.start] = a[:, cols]
+        return local_a, b[:]  # (r, in_local), (out, r)
+    local_rows = base.shard_rows(part)[2]
+    local_b = torch.zeros(local_rows, b.shape[1])  # (rows, r)
+    if rows.stop > rows.start:
+        local_b[: rows.stop - rows.start] = b[rows]
+    return a[:], local_b  # (r, in), (rows, r)
