@@ -137,6 +137,13 @@ def run_server(args: argparse.Namespace) -> int:
     name = args.served_model_name or engine.model_path.name
     aliases = tuple(a for a in (args.model, str(engine.model_path)) if a and a != name)
     try:
+        clash = sorted(set(engine.lora_names) & {name, *aliases})
+        if clash:
+            raise ValueError(
+                f"LoRA adapter name '{clash[0]}' is also the served model's name: requests for "
+                "it would reach the base model; rename the adapter in --lora-modules or set "
+                "--served-model-name"
+            )
         config = ServerConfig(
             served_model_name=name,
             model_aliases=aliases,

@@ -103,6 +103,25 @@ def test_adapter_above_max_lora_rank_stops_the_start(adapters: dict[str, Path]) 
     assert "Traceback" not in proc.stderr
 
 
+def test_adapter_named_like_the_served_model_stops_the_start(adapters: dict[str, Path]) -> None:
+    """An adapter called like the base model would be shadowed by it: refused, naming both ways
+    out."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "mgpu.serve", "--device", "cpu", "--port", "0"),
+            *("--served-model-name", "base", "--enable-lora", "--max-lora-rank", "8"),
+            *("--lora-modules", f"base={adapters['all']}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "LoRA adapter name 'base' is also the served model's name" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_streamed_chat_on_an_adapter(client: openai.OpenAI) -> None:
     """The streaming path carries the adapter too: its text equals the non-streamed answer."""
     messages = [{"role": "user", "content": "Hello"}]

@@ -141,15 +141,15 @@ def shard_pair(
     # not divide) it stops at the real width, and the padding's A columns / B rows stay zero.
     rows, cols = base.shard_window(part)
     if isinstance(base, RowParallelLinear):
-        r = a.shape[0]
-        local_a = torch.zeros(r, base.local_input)  # (r, in_local)
+        full_b = b[:]  # (out, r)
         if cols is None:
-            local_a = a[:]
-        elif cols.stop > cols.start:
+            return a[:], full_b  # (r, in_local), (out, r)
+        local_a = torch.zeros(full_b.shape[1], base.local_input)  # (r, in_local)
+        if cols.stop > cols.start:
             local_a[:, : cols.stop - cols.start] = a[:, cols]
-        return local_a, b[:]  # (r, in_local), (out, r)
-    local_rows = base.shard_rows(part)[2]
-    local_b = torch.zeros(local_rows, b.shape[1])  # (rows, r)
+        return local_a, full_b
+    full_a = a[:]  # (r, in)
+    local_b = torch.zeros(base.shard_rows(part)[2], full_a.shape[0])  # (rows, r)
     if rows.stop > rows.start:
         local_b[: rows.stop - rows.start] = b[rows]
-    return a[:], local_b  # (r, in), (rows, r)
+    return full_a, local_b
