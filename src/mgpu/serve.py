@@ -257,6 +257,11 @@ def _print_report(engine: Any, config: Any, url: str) -> None:
         f"{tokens / max_len:.2f}x",
         soft_wrap=True,
     )
+    for name in engine.lora_names:
+        console.print(
+            f"LoRA adapter {name} ({engine.lora_path(name)}): request it as model '{name}'",
+            soft_wrap=True,
+        )
     auth = "API key required on /v1/* and /docs" if config.api_key else "no API key"
     console.print(f"{auth}; request bodies up to {config.max_request_bytes} bytes", soft_wrap=True)
     # One plain line, never wrapped, for people and for scripts that wait for it.

@@ -48,6 +48,7 @@ def test_models_lists_adapters_beside_the_base(
     assert raw["demo"]["parent"] is None
     assert raw["all"]["parent"] == raw["qv"]["parent"] == "demo"
     assert raw["qv"]["root"] == str(adapters["qv"])
+    assert f"LoRA adapter qv ({adapters['qv']}): request it as model 'qv'" in server.log
 
 
 def test_concurrent_requests_for_adapters_and_base_get_their_own_text(
