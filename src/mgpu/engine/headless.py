@@ -19,8 +19,8 @@ from mgpu.config import CacheConfig, EngineArgs, ModelConfig, ParallelConfig, pa
 from mgpu.engine.executor import LaunchConfig, WorkerSet, describe_exit, node_ranks
 from mgpu.engine.placement import resolve_layout
 from mgpu.errors import ConfigError
-from mgpu.layers.quantization import quant_config_for
-from mgpu.memory import weight_bytes_per_rank
+from mgpu.layers.quantization import quant_config_for, weight_format
+from mgpu.memory import predicted_weight_bytes
 from mgpu.models.loader import demo_model_path, resolve_model_path
 from mgpu.models.registry import model_class
 
@@ -35,6 +35,7 @@ class ResolvedPlan:
     device: str
     dtype: torch.dtype
     rank_memory_bytes: tuple[int, ...] | None = None
+    quantization: str | None = None
 
 
 def resolve(args: EngineArgs) -> ResolvedPlan:
@@ -113,13 +114,14 @@ def resolve_engine(
     if enable_expert_parallel:
         parallel = dataclasses.replace(parallel, enable_expert_parallel=True)
     parallel.check_model(config)
-    return ResolvedPlan(path, config, parallel, device, torch_dtype, rank_memory)
+    return ResolvedPlan(path, config, parallel, device, torch_dtype, rank_memory, quantization)
 
 
 def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]]:
     """One row per rank of the plan: rank, node, device, layers ``[start, end)``, predicted bytes.
 
-    The bytes come from :func:`mgpu.memory.weight_bytes_per_rank`, the planner's formula.
+    The bytes come from :func:`mgpu.memory.predicted_weight_bytes` at the storage of what is
+    loaded (int8/int4 codes and scales, a GGUF file's block types), the formula's other user.
 
     Args:
         plan: the resolved command line.
@@ -127,14 +129,21 @@ def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]
     """
     pc, model = plan.parallel_config, plan.model_config
     tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
-    elem = torch.finfo(plan.dtype).bits // 8
+    fmt = weight_format(plan.model_path, plan.quantization, plan.dtype)
     per_node = pc.world_size // max(1, nnodes)
     rows = []
     for rank in range(pc.world_size):
         pp_rank = rank // tp
         layers = pc.layer_range(model, pp_rank)
-        predicted = weight_bytes_per_rank(
-            model, elem * 8, tp, layers, pp_rank == 0, pp_rank == pp - 1, vector_bytes=elem
+        predicted = predicted_weight_bytes(
+            model,
+            fmt,
+            tp,
+            layers,
+            pp_rank == 0,
+            pp_rank == pp - 1,
+            rank % tp,
+            pc.enable_expert_parallel,
         )
         device = "cpu" if plan.device == "cpu" else f"cuda:{rank % per_node}"
         rows.append(

@@ -29,6 +29,7 @@ from mgpu.layers.quantization.weights import (
     quantize_int4,
     quantize_int8,
 )
+from mgpu.memory import int4_group_for
 
 if TYPE_CHECKING:
     from mgpu.layers.linear import LazyTensor, LinearBase
@@ -58,20 +59,6 @@ class WeightOnlyConfig(QuantizationConfig):
     def get_linear_method(self, layer: LinearBase) -> LinearMethodBase:
         """A :class:`WeightOnlyLinearMethod` for every linear."""
         return WeightOnlyLinearMethod(self)
-
-
-def int4_group_for(width: int, requested: int) -> int:
-    """The group size used for a shard ``width`` columns wide.
-
-    ``requested`` when it divides ``width``; otherwise the largest of 256/128/64/32 below it that
-    does (a row-parallel shard of an odd width), and the whole row when none does.
-    """
-    if width % requested == 0:
-        return requested
-    for g in (256, 128, 64, 32):
-        if g < requested and width % g == 0:
-            return g
-    return width
 
 
 class WeightOnlyLinearMethod(LinearMethodBase):
