@@ -311,3 +311,35 @@ def predicted_weight_bytes(
     if is_last_stage and not (model.tie_word_embeddings and is_first_stage):
         floats += vocab_local * model.hidden_size
     return total + floats * fmt.dtype_bytes
+
+
+#: Bits per weight of the GGUF block types llama.cpp's K-quant mixes combine (Q4_K and Q6_K).
+_Q4_K_BITS, _Q6_K_BITS = 4.5, 6.5625
+
+
+def stored_bits_per_weight(name: str, bits: float, k: int = 4096) -> float:
+    """Bits per weight of the projections once mgpu has loaded weights of planner format ``name``.
+
+    ``int8`` keeps one float32 scale per row; ``int4`` and AWQ/GPTQ checkpoints become int4
+    groups of 128 with a bf16 scale/zero pair (4.25); GGUF Q4_0 blocks become int4 groups of 32
+    (5.0), Q8_0, Q5_K and Q6_K blocks int8 (``layers.quantization.gguf``). A Q4_K mix at
+    ``bits`` holds Q6_K tensors for the share that lifts it above Q4_K's 4.5 bits; those become
+    int8 and the rest int4 groups of 32. Other formats are stored as they are (``bits``).
+
+    Args:
+        name: the planner's format name (``int4``, ``awq-int4``, ``q4_k_m``, ...).
+        bits: the format's own bits per weight (a GGUF file's from its tensor table).
+        k: columns of a typical projection (the row scale's share).
+    """
+    int8 = LinearStorage("int8").bits_per_weight(k)
+    int4_g32 = LinearStorage("int4", 2, 32).bits_per_weight(k)
+    if name in ("int4", "awq-int4", "gptq-int4"):
+        return LinearStorage("int4", 2, 128).bits_per_weight(k)
+    if name in ("int8", "q8_0", "q6_k", "q5_k_m", "q5_k_s"):
+        return int8
+    if name == "q4_0":
+        return int4_g32
+    if name in ("q4_k_m", "q4_k_s"):
+        share = min(1.0, max(0.0, (bits - _Q4_K_BITS) / (_Q6_K_BITS - _Q4_K_BITS)))
+        return (1 - share) * int4_g32 + share * int8
+    return bits

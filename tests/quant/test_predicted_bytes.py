@@ -19,10 +19,11 @@ from mgpu.distributed import parallel_state as ps
 from mgpu.engine.headless import planned_ranks, resolve_engine
 from mgpu.layers.moe import expert_parallel
 from mgpu.layers.quantization import quant_config_for, quantization_scope
-from mgpu.memory import LinearStorage
+from mgpu.memory import LinearStorage, stored_bits_per_weight
 from mgpu.models.gguf import gguf_model_config
 from mgpu.models.loader import load_weights
 from mgpu.models.registry import model_class
+from mgpu.planner.plan import plan
 from tests.helpers import make_model
 from tests.quant.gguf_files import write_gguf
 
@@ -164,3 +165,24 @@ def test_bits_per_weight_of_each_storage() -> None:
     assert LinearStorage("int4", 2, 32).bits_per_weight() == pytest.approx(5.0)
     assert LinearStorage("int8", 2).bits_per_weight(4096) == pytest.approx(8 + 32 / 4096)
     assert LinearStorage("float", 2).bits_per_weight() == 16
+
+
+def test_stored_rates_of_planner_formats() -> None:
+    """What mgpu holds each planner format at: AWQ/GPTQ repacked to the int4 kernel's bf16
+    pairs, GGUF Q4 blocks as int4 groups of 32, Q8_0/Q6_K as int8, a Q4_K_M mix in between."""
+    assert stored_bits_per_weight("awq-int4", 4.156) == pytest.approx(4.25)
+    assert stored_bits_per_weight("int8", 8.0, 8192) == pytest.approx(8 + 32 / 8192)
+    assert stored_bits_per_weight("q4_0", 4.5) == pytest.approx(5.0)
+    assert stored_bits_per_weight("q8_0", 8.5) == pytest.approx(8 + 32 / 4096)
+    assert 5.0 < stored_bits_per_weight("q4_k_m", 4.84) < 6.0
+    assert stored_bits_per_weight("nf4", 4.127) == 4.127
+
+
+def test_mgpu_plans_count_int4_as_mgpu_stores_it() -> None:
+    """``mgpu plan`` for mgpu counts an AWQ checkpoint at mgpu's 4.25 bits (repacked with bf16
+    pairs), for vLLM at the checkpoint's own 4.156."""
+    mine = plan("Llama-3.1-8B", "1x RTX 4090", quantization="awq-int4")
+    theirs = plan("Llama-3.1-8B", "1x RTX 4090", quantization="awq-int4", engine="vllm")
+    assert mine.bits_per_weight == pytest.approx(4.25)
+    assert theirs.bits_per_weight == pytest.approx(4.156)
+    assert mine.devices[0].weights_gb > theirs.devices[0].weights_gb
