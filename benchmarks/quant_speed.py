@@ -155,7 +155,7 @@ def make_model(path: Path, hidden: int, layers: int) -> Path:
     return path
 
 
-def mgpu_run(case: Case, new_tokens: int) -> Result:
+def mgpu_run(case: Case, new_tokens: int, reps: int) -> Result:
     """One round of a case: decode tokens/s = n / ((time of 1 + n tokens) - (time of 1))."""
     with LLM(
         str(case.model),
@@ -173,9 +173,9 @@ def mgpu_run(case: Case, new_tokens: int) -> Result:
             out = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)
             return time.perf_counter() - t, list(out[0].outputs[0].token_ids)
 
-        run(4)
-        one = min(run(1)[0] for _ in range(3))
-        full, tokens = min(run(1 + new_tokens) for _ in range(3))
+        run(2)
+        one = min(run(1)[0] for _ in range(reps))
+        full, tokens = min(run(1 + new_tokens) for _ in range(reps))
         report = llm.engine.live_rank_reports()[0]
         elem = torch.finfo(llm.engine.dtype).bits // 8
         floats = WeightFormat(LinearStorage("float", 0), elem)  # everything but the projections
@@ -184,11 +184,12 @@ def mgpu_run(case: Case, new_tokens: int) -> Result:
     return Result(rate, report.param_bytes, linear, report.resident_bytes / 2**20, tokens)
 
 
-#: The llama.cpp side, run by ``--llama-python`` with (model, threads, new tokens, prompt).
+#: The llama.cpp side, run by ``--llama-python`` with (model, threads, new tokens, reps, prompt).
 _LLAMA_CPP_SCRIPT = """
 import json, resource, sys, time
 from llama_cpp import Llama
-path, threads, n, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+path, threads, n, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+prompt = json.loads(sys.argv[5])
 llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
 def run(k):
     llm.reset()
@@ -198,17 +199,19 @@ def run(k):
         if len(out) >= k:
             break
     return time.perf_counter() - t, out
-run(4)
-one = min(run(1)[0] for _ in range(3))
-full, tokens = min(run(1 + n) for _ in range(3))
+run(2)
+one = min(run(1)[0] for _ in range(reps))
+full, tokens = min(run(1 + n) for _ in range(reps))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"rate": n / (full - one), "rss_mb": rss, "tokens": tokens}))
 """
 
 
-def llama_cpp_run(case: Case, python: str, threads: int, new_tokens: int) -> Result | str:
+def llama_cpp_run(
+    case: Case, python: str, threads: int, new_tokens: int, reps: int
+) -> Result | str:
     """One round of llama.cpp on a GGUF file in a subprocess, or why it could not run."""
-    args = [str(case.model), str(threads), str(new_tokens), json.dumps(PROMPT)]
+    args = [str(case.model), str(threads), str(new_tokens), str(reps), json.dumps(PROMPT)]
     proc = subprocess.run(
         [python, "-c", _LLAMA_CPP_SCRIPT, *args], capture_output=True, text=True, timeout=900
     )
@@ -220,7 +223,7 @@ def llama_cpp_run(case: Case, python: str, threads: int, new_tokens: int) -> Res
 
 
 def measure(
-    cases: list[Case], rounds: int, new_tokens: int, python: str, threads: int
+    cases: list[Case], rounds: int, new_tokens: int, reps: int, python: str, threads: int
 ) -> dict[str, Result | str]:
     """Best result of each case over ``rounds`` interleaved rounds."""
     best: dict[str, Result | str] = {}
@@ -230,9 +233,9 @@ def measure(
             if isinstance(best.get(key), str):
                 continue  # llama.cpp could not run this file: do not retry every round
             if case.engine == "mgpu":
-                got: Result | str = mgpu_run(case, new_tokens)
+                got: Result | str = mgpu_run(case, new_tokens, reps)
             else:
-                got = llama_cpp_run(case, python, threads, new_tokens)
+                got = llama_cpp_run(case, python, threads, new_tokens, reps)
             old = best.get(key)
             if isinstance(got, str) or old is None or got.rate > old.rate:  # type: ignore[union-attr]
                 best[key] = got
@@ -294,6 +297,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per config")
+    parser.add_argument("--reps", type=int, default=3, help="timed generations per round")
     parser.add_argument("--kernel-size", type=int, default=2048)
     parser.add_argument(
         "--llama-python",
@@ -312,7 +316,8 @@ def main() -> None:
         lines += [args.note, ""]
     lines += [
         f"Command: `python benchmarks/quant_speed.py --hidden {args.hidden} --layers "
-        f"{args.layers} --new-tokens {args.new_tokens} --rounds {args.rounds} --kernel-size "
+        f"{args.layers} --new-tokens {args.new_tokens} --rounds {args.rounds} --reps "
+        f"{args.reps} --kernel-size "
         f"{args.kernel_size} --llama-python PYTHON`; each row the best of the interleaved "
         "rounds.",
         "",
@@ -350,7 +355,9 @@ def main() -> None:
             for q in ("int8", "int4")
             for a, d in (("bf16", "bfloat16"), ("fp32", "float32"))
         ]
-        best = measure(cases + demo_cases, args.rounds, args.new_tokens, args.llama_python, threads)
+        best = measure(
+            cases + demo_cases, args.rounds, args.new_tokens, args.reps, args.llama_python, threads
+        )
         title = f"random Llama hidden {args.hidden}, {args.layers} layers, vocab 32000"
         lines += ["", f"### Single-stream decode, {title}", ""]
         table, ratios = engine_table(cases, best)
