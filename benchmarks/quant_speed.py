@@ -180,7 +180,7 @@ def mgpu_run(case: Case, new_tokens: int, reps: int) -> Result:
         elem = torch.finfo(llm.engine.dtype).bits // 8
         floats = WeightFormat(LinearStorage("float", 0), elem)  # everything but the projections
         linear = report.param_bytes - predicted_weight_bytes(llm.engine.model_config, floats)
-    rate = new_tokens / (full - one)
+    rate = new_tokens / (full - one) if full > one else 0.0  # 0: a round the load spoiled
     return Result(rate, report.param_bytes, linear, report.resident_bytes / 2**20, tokens)
 
 
@@ -203,7 +203,8 @@ run(2)
 one = min(run(1)[0] for _ in range(reps))
 full, tokens = min(run(1 + n) for _ in range(reps))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"rate": n / (full - one), "rss_mb": rss, "tokens": tokens}))
+rate = n / (full - one) if full > one else 0.0
+print(json.dumps({"rate": rate, "rss_mb": rss, "tokens": tokens}))
 """
 
 
