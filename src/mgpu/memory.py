@@ -11,6 +11,11 @@ Matrices (projections, embedding, LM head) are counted at ``bits_per_weight`` (w
 formats includes the per-block scales, e.g. 4.5 bits for GGUF q4_0); the small vectors (norm
 weights,
 biases) stay at ``vector_bytes`` per element, as every engine keeps them unquantized.
+
+What an mgpu rank holds once loaded, which its report measures, is :func:`predicted_weight_bytes`:
+each projection at its :class:`LinearStorage` (int8/int4 codes with their scales, as
+``layers.quantization`` stores them), the embedding, LM head, routers and vectors in the model
+dtype. The startup table, ``GET /v1/layout`` and ``--dry-run`` print it beside the measurement.
 """
 
 from __future__ import annotations
