@@ -99,8 +99,8 @@ def resolve_engine(
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
     quant_config_for(path, quantization)  # an unknown name or a format the model lacks fails here
     # Quantized weights run their fused kernels with bf16 activations; with fp32 activations they
-    # take the dequantising path, which decoded 3x (int8) and 12x (int4) slower whole-engine on
-    # a 136M-parameter model on CPU (docs/quantization.md, "Activations").
+    # take the dequantising path, which decoded 1.1-2.2x (int8) and 4-5x (int4) slower
+    # whole-engine on CPU (docs/quantization.md, "Activations").
     auto = torch.bfloat16 if quantization else parse_dtype(config.torch_dtype)
     torch_dtype = parse_dtype(dtype, auto)
     parallel, rank_memory = resolve_layout(
