@@ -196,7 +196,9 @@ def write_gguf(
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim, theta))
     writer.add_vocab_size(config["vocab_size"])
-    _add_tokenizer(writer, model_dir, "qwen2" if arch == "qwen2" else "default")
+    _add_tokenizer(
+        writer, model_dir, "qwen2" if arch == "qwen2" else "default", config["vocab_size"]
+    )
     held: dict[str, torch.Tensor] = {}
     permuted = arch in ("llama", "mistral")
     for name, tensor in sorted(load_file(str(model_dir / "model.safetensors")).items()):
@@ -225,11 +227,13 @@ def write_gguf(
     return held
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, pre: str) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, pre: str, vocab_size: int) -> None:
     """The converter's BPE ("gpt2") tokenizer metadata, from ``tokenizer.json``.
 
     ``pre`` names the pre-tokenizer split, as the converter identifies it (``qwen2`` for Qwen2's
-    tokenizer, whose class splits digits one by one).
+    tokenizer, whose class splits digits one by one). A model whose embedding has more rows than
+    the tokenizer has tokens gets ``[PAD{i}]`` tokens up to ``vocab_size``, as the converter pads
+    them (llama.cpp takes the vocabulary size from the token list).
     """
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -237,11 +241,13 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, pre: str) -> None:
     added = {t["content"]: t["id"] for t in tok["added_tokens"]}
     vocab = {**vocab, **added}
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    padding = [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in added else 1 for t in tokens])
+    writer.add_token_list(tokens + padding)
+    types = [3 if t in added else 1 for t in tokens] + [5] * len(padding)  # 5: UNUSED
+    writer.add_token_types(types)
     writer.add_token_merges(merges)
     writer.add_eos_token_id(vocab[tok_config["eos_token"]])
     if tok_config.get("bos_token"):

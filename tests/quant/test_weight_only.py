@@ -90,6 +90,18 @@ def test_kernel_matches_dequantising_path(bits: int, dtype: torch.dtype) -> None
     assert (outs[1] - dense).abs().max() <= tol
 
 
+@pytest.mark.parametrize("k", [24, 40, 8])
+def test_int8_kernel_is_skipped_where_it_cannot_run(k: int) -> None:
+    """PyTorch's CPU int8 kernel crashes (SIGSEGV) unless K is a multiple of 16; a narrow shard
+    (a 48-column expert over TP=2) takes the dequantising path instead."""
+    torch.manual_seed(0)
+    q8 = quantize_int8(torch.randn(32, k))
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    ref = x.float() @ q8.dequantize().T
+    got = q8.matmul(x, use_kernel=True).float()
+    assert torch.allclose(got, ref, rtol=0, atol=0.02 * ref.abs().max().item())
+
+
 def test_int4_group_falls_back_to_a_divisor() -> None:
     with quantization_scope(get_quantization_config("int4", group_size=128)):
         layer = RowParallelLinear(96, 32)

@@ -19,8 +19,8 @@ from mgpu.config import CacheConfig, EngineArgs, ModelConfig, ParallelConfig, pa
 from mgpu.engine.executor import LaunchConfig, WorkerSet, describe_exit, node_ranks
 from mgpu.engine.placement import resolve_layout
 from mgpu.errors import ConfigError
-from mgpu.layers.quantization import quant_config_for
-from mgpu.memory import weight_bytes_per_rank
+from mgpu.layers.quantization import quant_config_for, weight_format
+from mgpu.memory import predicted_weight_bytes
 from mgpu.models.loader import demo_model_path, resolve_model_path
 from mgpu.models.registry import model_class
 
@@ -38,6 +38,7 @@ class ResolvedPlan:
     #: The placement's line when it chose something other than what was asked (see
     #: :func:`mgpu.engine.placement.resolve_layout`).
     note: str | None = None
+    quantization: str | None = None
 
 
 def resolve(args: EngineArgs) -> ResolvedPlan:
@@ -106,7 +107,9 @@ def resolve_engine(
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
     quant_config_for(path, quantization)  # an unknown name or a format the model lacks fails here
-    # Quantized weights run their fused kernels with bf16 activations (docs/quantization.md).
+    # Quantized weights run their fused kernels with bf16 activations; with fp32 activations they
+    # take the dequantising path, which decoded 1.1-2.2x (int8) and 4-5x (int4) slower
+    # whole-engine on CPU (docs/quantization.md, "Activations").
     auto = torch.bfloat16 if quantization else parse_dtype(config.torch_dtype)
     torch_dtype = parse_dtype(dtype, auto)
     placed = resolve_layout(
@@ -127,14 +130,22 @@ def resolve_engine(
     if placed.note:
         print(f"mgpu: {placed.note}", flush=True)
     return ResolvedPlan(
-        path, config, parallel, device, torch_dtype, placed.rank_memory_bytes, placed.note
+        path,
+        config,
+        parallel,
+        device,
+        torch_dtype,
+        placed.rank_memory_bytes,
+        placed.note,
+        quantization,
     )
 
 
 def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]]:
     """One row per rank of the plan: rank, node, device, layers ``[start, end)``, predicted bytes.
 
-    The bytes come from :func:`mgpu.memory.weight_bytes_per_rank`, the planner's formula.
+    The bytes come from :func:`mgpu.memory.predicted_weight_bytes` at the storage of what is
+    loaded (int8/int4 codes and scales, a GGUF file's block types), the formula's other user.
 
     Args:
         plan: the resolved command line.
@@ -142,14 +153,21 @@ def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]
     """
     pc, model = plan.parallel_config, plan.model_config
     tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
-    elem = torch.finfo(plan.dtype).bits // 8
+    fmt = weight_format(plan.model_path, plan.quantization, plan.dtype)
     per_node = pc.world_size // max(1, nnodes)
     rows = []
     for rank in range(pc.world_size):
         pp_rank = rank // tp
         layers = pc.layer_range(model, pp_rank)
-        predicted = weight_bytes_per_rank(
-            model, elem * 8, tp, layers, pp_rank == 0, pp_rank == pp - 1, vector_bytes=elem
+        predicted = predicted_weight_bytes(
+            model,
+            fmt,
+            tp,
+            layers,
+            pp_rank == 0,
+            pp_rank == pp - 1,
+            rank % tp,
+            pc.enable_expert_parallel,
         )
         device = "cpu" if plan.device == "cpu" else f"cuda:{rank % per_node}"
         rows.append(

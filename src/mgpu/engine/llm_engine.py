@@ -422,7 +422,12 @@ class LLMEngine:
         from mgpu.engine.headless import ResolvedPlan, planned_ranks
 
         plan = ResolvedPlan(
-            self.model_path, self.model_config, self.parallel_config, self.device, self.dtype
+            self.model_path,
+            self.model_config,
+            self.parallel_config,
+            self.device,
+            self.dtype,
+            quantization=self.executor.launch_config.quantization,
         )
         rows = planned_ranks(plan, self.executor.launch_config.nnodes)
         for row, report in zip(rows, self.rank_reports, strict=True):

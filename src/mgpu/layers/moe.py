@@ -20,6 +20,13 @@ in one order on every rank; gloo and NCCL return one result to all).
 Routing is computed once per layer for the whole step: the (token, expert) pairs are sorted by
 expert, and each local expert runs one pair of matmuls over all of its tokens (a loop over experts,
 never over tokens).
+
+Quantization (``--quantization int8|int4``) reaches the experts through the same seam as the
+parallel linears: built inside a :func:`~mgpu.layers.quantization.quantization_scope` with a
+weight-only config, each expert's gate/up rows and down columns are quantized slice by slice as
+the loader hands them over (never a float copy of the stacked experts), fused into one int8/int4
+weight per expert and projection after loading, and multiplied by the same kernels
+(``layers.quantization.weights``). The router stays in the model dtype, as in vLLM.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce
 from mgpu.errors import ModelLoadError
 from mgpu.layers.linear import LazyTensor, _copy, check_shape, load_replicated
+from mgpu.layers.quantization.base import current_quant_config
+from mgpu.layers.quantization.method import WeightOnlyConfig, part_to_device
+from mgpu.layers.quantization.weights import PackedWeight, concat_rows
+from mgpu.memory import int4_group_for
 
 _expert_parallel = False
 
@@ -100,12 +111,23 @@ class ExpertWeights(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.local_inter = intermediate_size // self.slice_size
         local = self.num_local_experts
+        config = current_quant_config()
+        #: The weight-only quantization of the experts (None: float in the model dtype).
+        self.quant = config if isinstance(config, WeightOnlyConfig) and config.bits else None
+        # Quantized experts fill per-expert packed weights; the stacked float parameters are
+        # storage-free placeholders that carry the checkpoint names and loaders.
+        device = "meta" if self.quant is not None else None
         self.w13 = nn.Parameter(
-            torch.empty(local, 2 * self.local_inter, hidden_size), requires_grad=False
+            torch.empty(local, 2 * self.local_inter, hidden_size, device=device),
+            requires_grad=False,
         )
         self.w2 = nn.Parameter(
-            torch.empty(local, hidden_size, self.local_inter), requires_grad=False
+            torch.empty(local, hidden_size, self.local_inter, device=device), requires_grad=False
         )
+        self.quant_device, self.quant_dtype = torch.empty(0).device, torch.get_default_dtype()
+        self._parts: dict[tuple[int, int], PackedWeight] = {}  # (expert, 0 gate/1 up/2 down)
+        self.packed_w13: list[PackedWeight] = []  # per local expert, (2 local inter, hidden)
+        self.packed_w2: list[PackedWeight] = []  # per local expert, (hidden, local inter)
         gate, up, down = names
         experts = [(e - self.first_expert, e) for e in range(self.first_expert, end)]
         self.w13.hf_names = [  # type: ignore[attr-defined]
@@ -121,13 +143,58 @@ class ExpertWeights(nn.Module):
         expert, part = shard
         rows = self.local_inter
         start = self.slice_rank * rows
+        if self.quant is not None:
+            self._store(expert, part, loaded[start : start + rows])
+            return
         _copy(param[expert, part * rows : (part + 1) * rows], loaded[start : start + rows])
 
     def _load_w2(self, param: nn.Parameter, loaded: LazyTensor, shard: tuple[int, None]) -> None:
         """This rank's columns of one expert's (hidden, inter) down projection."""
         check_shape(loaded, (self.hidden_size, self.intermediate_size), param.checkpoint_name)  # type: ignore[attr-defined]
         start = self.slice_rank * self.local_inter
+        if self.quant is not None:
+            self._store(shard[0], 2, loaded[:, start : start + self.local_inter])
+            return
         _copy(param[shard[0]], loaded[:, start : start + self.local_inter])
+
+    def _store(self, expert: int, part: int, w: torch.Tensor) -> None:
+        """Quantize one float slice at once: (local inter, hidden) gate/up, (hidden, inter) down."""
+        assert self.quant is not None
+        group = int4_group_for(w.shape[1], self.quant.group_size)
+        with torch.no_grad():
+            packed = self.quant.quantize(w, group)
+        self._parts[(expert, part)] = part_to_device(packed, self.quant_device)
+
+    def process_weights_after_loading(self) -> None:
+        """Fuse each expert's quantized gate and up, repack for the kernels, register them."""
+        if self.quant is None:
+            return
+        local = self.num_local_experts
+        missing = [
+            k for k in ((e, p) for e in range(local) for p in range(3)) if k not in self._parts
+        ]
+        if missing:
+            raise ModelLoadError(f"experts {sorted({e for e, _ in missing})} were never loaded")
+        del self.w13, self.w2
+        for e in range(local):
+            fused = concat_rows([self._parts[(e, 0)], self._parts[(e, 1)]])
+            assert fused is not None  # both halves come from one quantizer
+            self.packed_w13.append(fused)
+            self.packed_w2.append(self._parts[(e, 2)])
+            for name, part in (("w13", fused), ("w2", self._parts[(e, 2)])):
+                self.quant.finalize(part, self.quant_dtype)
+                for key, tensor in part.tensors().items():
+                    param = nn.Parameter(tensor, requires_grad=False)
+                    self.register_parameter(f"e{e}_{name}_{key}", param)
+        self._parts = {}
+
+    def _expert_matmuls(self, local: int, x: torch.Tensor, act: Callable) -> torch.Tensor:
+        """(n, hidden) -> (n, hidden) through local expert ``local``'s gate/up and down."""
+        if self.quant is None:
+            return F.linear(act(F.linear(x, self.w13[local])), self.w2[local])
+        use_kernel = self.quant.use_kernel
+        h = act(self.packed_w13[local].matmul(x, use_kernel))  # (n, local inter)
+        return self.packed_w2[local].matmul(h, use_kernel)
 
     def forward(
         self,
@@ -157,8 +224,7 @@ class ExpertWeights(nn.Module):
             if n == 0:
                 continue
             idx = tokens[start : start + n]  # (n,)
-            h = act(F.linear(x[idx], self.w13[local]))  # (n, local inter)
-            h = F.linear(h, self.w2[local]) * pair_weights[start : start + n]  # (n, hidden)
+            h = self._expert_matmuls(local, x[idx], act) * pair_weights[start : start + n]  # (n, h)
             out.index_add_(0, idx, h)
             start += n
         return out

@@ -32,12 +32,14 @@ from mgpu.layers.quantization import finish_loading
 from mgpu.layers.quantization.gguf import (
     BLOCK_TYPES,
     FLOAT_TYPES,
+    INT4_TYPES,
     SUPPORTED_TYPES,
     decode_blocks,
     to_packed,
 )
-from mgpu.layers.quantization.method import WeightOnlyConfig
+from mgpu.layers.quantization.method import DEFAULT_INT4_GROUP_SIZE, WeightOnlyConfig
 from mgpu.layers.quantization.weights import Int4Weight, PackedWeight
+from mgpu.memory import LinearStorage, WeightFormat
 
 #: GGUF ``general.architecture`` -> (HF architecture, HF model_type).
 ARCHITECTURES = {
@@ -252,6 +254,35 @@ def gguf_quant_config(path: Path, name: str | None) -> WeightOnlyConfig | None:
     if not quantized and bits is None:
         return None
     return WeightOnlyConfig(name="gguf" if name is None else f"gguf+{name}", bits=bits)
+
+
+def gguf_weight_format(path: Path, float_bits: int | None, dtype_bytes: int) -> WeightFormat:
+    """What loading ``path`` stores for each projection, from its tensor table (the conversion
+    of ``layers.quantization.gguf``: Q4_0/Q4_K exactly to int4 in groups of 32, the other block
+    types to per-row int8, float tensors kept or quantized by ``--quantization``).
+
+    Args:
+        path: the GGUF file.
+        float_bits: ``--quantization`` bits for the float tensors (None keeps them float).
+        dtype_bytes: bytes per element of the model dtype.
+    """
+    reader = open_gguf(path)
+    config = ModelConfig.from_dict(gguf_config_dict(reader, path))
+    on_float = {
+        None: LinearStorage("float", dtype_bytes),
+        8: LinearStorage("int8", dtype_bytes),
+        4: LinearStorage("int4", dtype_bytes, DEFAULT_INT4_GROUP_SIZE),
+    }[float_bits]
+    per_tensor = []
+    for name, tensor in gguf_tensors(reader, config, path).items():
+        if tensor.qtype in INT4_TYPES:
+            storage = LinearStorage("int4", dtype_bytes, 32)
+        elif tensor.qtype in BLOCK_TYPES:
+            storage = LinearStorage("int8", dtype_bytes)
+        else:
+            storage = on_float
+        per_tensor.append((name, storage))
+    return WeightFormat(on_float, dtype_bytes, tuple(per_tensor))
 
 
 class GGUFTensor:

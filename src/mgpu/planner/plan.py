@@ -16,6 +16,7 @@ from typing import Any
 
 from mgpu.config import valid_tp_sizes
 from mgpu.errors import ConfigError
+from mgpu.memory import stored_bits_per_weight
 from mgpu.planner.calibration import Calibration, load_calibration
 from mgpu.planner.commands import (
     CommandInputs,
@@ -575,6 +576,8 @@ def plan(
                 "which needs a different file."
             )
     engine_profile = get_engine(engine)
+    if engine_profile.name == "mgpu" and fmt.family in ("int8", "int4"):
+        bits = stored_bits_per_weight(fmt.name, bits, spec.config.hidden_size)  # as mgpu stores
     link = make_interconnect(interconnect, devices)
     calibration = calibration or load_calibration()
     ctx = _Context(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from mgpu.errors import ConfigError
@@ -22,6 +23,7 @@ from mgpu.layers.quantization.base import (
 )
 from mgpu.layers.quantization.int4_checkpoint import Int4CheckpointFormat, checkpoint_format
 from mgpu.layers.quantization.method import DEFAULT_INT4_GROUP_SIZE, WeightOnlyConfig
+from mgpu.memory import LinearStorage, WeightFormat
 
 #: ``--quantization`` values for float checkpoints.
 QUANTIZATION_CHOICES = ("int8", "int4")
@@ -38,6 +40,7 @@ __all__ = [
     "get_quantization_config",
     "quant_config_for",
     "quantization_scope",
+    "weight_format",
 ]
 
 
@@ -114,3 +117,33 @@ def checkpoint_quant_format(model_dir: Path) -> Int4CheckpointFormat | None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{model_dir}/config.json: quantization_config is not an object")
     return checkpoint_format(raw, f"{model_dir}/config.json")
+
+
+def weight_format(
+    model_path: str | os.PathLike[str], name: str | None, dtype: torch.dtype
+) -> WeightFormat:
+    """What the engine will store for this model, for :func:`mgpu.memory.predicted_weight_bytes`
+    (the startup table's and ``--dry-run``'s predicted bytes); reads metadata only.
+
+    Args:
+        model_path: the resolved model (a HF directory, or a GGUF file).
+        name: the ``--quantization`` value (None: as stored).
+        dtype: the model (activation) dtype.
+    """
+    elem = torch.finfo(dtype).bits // 8
+    config = quant_config_for(model_path, name)
+    if Path(model_path).is_file():
+        from mgpu.models.gguf import gguf_weight_format
+
+        return gguf_weight_format(Path(model_path), None if config is None else config.bits, elem)
+    if config is None:
+        return WeightFormat.unquantized(elem)
+    assert isinstance(config, WeightOnlyConfig)
+    if config.bits is None:  # an AWQ/GPTQ checkpoint's own packing
+        fmt = checkpoint_quant_format(Path(model_path))
+        assert fmt is not None
+        if fmt.method == "gptq" and fmt.desc_act:  # act-order groups: requantized to int8
+            return WeightFormat(LinearStorage("int8", elem), elem)
+        return WeightFormat(LinearStorage("int4", elem, fmt.group_size), elem)
+    kind = "int8" if config.bits == 8 else "int4"
+    return WeightFormat(LinearStorage(kind, elem, config.group_size), elem)

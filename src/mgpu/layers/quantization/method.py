@@ -29,6 +29,7 @@ from mgpu.layers.quantization.weights import (
     quantize_int4,
     quantize_int8,
 )
+from mgpu.memory import int4_group_for
 
 if TYPE_CHECKING:
     from mgpu.layers.linear import LazyTensor, LinearBase
@@ -59,19 +60,30 @@ class WeightOnlyConfig(QuantizationConfig):
         """A :class:`WeightOnlyLinearMethod` for every linear."""
         return WeightOnlyLinearMethod(self)
 
+    def quantize(self, w: torch.Tensor, group_size: int) -> PackedWeight:
+        """A float (N, K) shard in this config's form: int8, int4 or (bits None) dense.
 
-def int4_group_for(width: int, requested: int) -> int:
-    """The group size used for a shard ``width`` columns wide.
+        Args:
+            w: the shard.
+            group_size: int4 columns per scale/zero pair (already fitted to K).
+        """
+        if self.bits == 8:
+            return quantize_int8(w)
+        if self.bits == 4:
+            return quantize_int4(w, group_size)
+        return DenseWeight(w.to(torch.get_default_dtype()))
 
-    ``requested`` when it divides ``width``; otherwise the largest of 256/128/64/32 below it that
-    does (a row-parallel shard of an odd width), and the whole row when none does.
-    """
-    if width % requested == 0:
-        return requested
-    for g in (256, 128, 64, 32):
-        if g < requested and width % g == 0:
-            return g
-    return width
+    def finalize(self, part: PackedWeight, dtype: torch.dtype) -> None:
+        """Repack ``part`` for the kernel once its layer is loaded (see ``Int4Weight.finalize``).
+
+        Args:
+            part: a loaded weight.
+            dtype: the model's activation dtype.
+        """
+        if isinstance(part, Int4Weight):
+            part.finalize(self.use_kernel, dtype)
+        else:
+            part.finalize(self.use_kernel)
 
 
 class WeightOnlyLinearMethod(LinearMethodBase):
@@ -101,13 +113,6 @@ class WeightOnlyLinearMethod(LinearMethodBase):
                 layer.quant_group_size,
             )
 
-    def _from_float(self, w: torch.Tensor, group_size: int) -> PackedWeight:
-        if self.config.bits == 8:
-            return quantize_int8(w)
-        if self.config.bits == 4:
-            return quantize_int4(w, group_size)
-        return DenseWeight(w.to(torch.get_default_dtype()))
-
     def weight_loader(
         self, layer: LinearBase, param: nn.Parameter, loaded: LazyTensor, shard_id: int
     ) -> None:
@@ -120,13 +125,14 @@ class WeightOnlyLinearMethod(LinearMethodBase):
             rows, cols = layer.shard_window(shard_id)
             part = read_packed(rows, cols)
             if isinstance(part, torch.Tensor):
-                part = self._from_float(part, int4_group_for(part.shape[1], layer.quant_group_size))
+                group = int4_group_for(part.shape[1], layer.quant_group_size)
+                part = self.config.quantize(part, group)
         else:
             with torch.no_grad():
-                part = self._from_float(
+                part = self.config.quantize(
                     layer.read_shard(loaded, shard_id, param), layer.quant_group_size
                 )
-        layer.quant_parts[shard_id] = _to_device(part, layer.quant_device)
+        layer.quant_parts[shard_id] = part_to_device(part, layer.quant_device)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         """Stack the parts, repack for the kernel and register the packed tensors."""
@@ -141,10 +147,7 @@ class WeightOnlyLinearMethod(LinearMethodBase):
         layer.quant_parts = {}
         del layer.weight
         for i, part in enumerate(layer.packed_parts):
-            if isinstance(part, Int4Weight):
-                part.finalize(self.config.use_kernel, layer.quant_dtype)
-            else:
-                part.finalize(self.config.use_kernel)
+            self.config.finalize(part, layer.quant_dtype)
             prefix = "" if len(layer.packed_parts) == 1 else f"part{i}_"
             for name, tensor in part.tensors().items():
                 layer.register_parameter(prefix + name, nn.Parameter(tensor, requires_grad=False))
@@ -166,7 +169,8 @@ def param_name(param: nn.Parameter) -> str:
     return getattr(param, "checkpoint_name", "?")
 
 
-def _to_device(part: PackedWeight, device: torch.device) -> PackedWeight:
+def part_to_device(part: PackedWeight, device: torch.device) -> PackedWeight:
+    """``part`` with its tensors on ``device`` (in place; CPU parts are returned as they are)."""
     if device.type == "cpu":
         return part
     for name, tensor in vars(part).items():

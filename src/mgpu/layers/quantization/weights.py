@@ -100,7 +100,10 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor, use_kernel: bool) -> torch.Tensor:
         """(T, K) -> (T, N), fused kernel on CPU or block-by-block dequantisation."""
-        if use_kernel and x.device.type == "cpu" and x.dtype != torch.float32:
+        # The CPU kernel reads K in steps of 16 and crashes (SIGSEGV) on other widths, which a
+        # row-parallel or expert shard of a narrow layer can have (48 columns over TP=2).
+        k = self.qweight.shape[1]
+        if use_kernel and x.device.type == "cpu" and x.dtype != torch.float32 and k % 16 == 0:
             x2 = x.reshape(-1, x.shape[-1])
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
             return y.view(*x.shape[:-1], -1)
