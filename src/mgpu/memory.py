@@ -74,7 +74,8 @@ def rank_weights(
     n_layers = end - start
     q_local = model.num_attention_heads // tp_size
     kv_local = local_kv_heads(model, tp_size)
-    inter_local = model.intermediate_size // tp_size
+    # A width TP does not divide is zero-padded to ceil(inter / tp) per rank (layers.linear).
+    inter_local = -(-model.intermediate_size // tp_size)
     experts = max(1, model.num_local_experts)
 
     attn = h * q_local * d + 2 * h * kv_local * d + q_local * d * h
@@ -266,7 +267,8 @@ def rank_projections(
                 (f"{mlp}.experts.down_proj.weight", h, inter, count),
             ]
         else:
-            inter = (model.dense_intermediate_size or model.intermediate_size) // tp_size
+            # Padded to ceil(inter / tp) when TP does not divide it (layers.linear.padded_shard).
+            inter = -(-(model.dense_intermediate_size or model.intermediate_size) // tp_size)
             out += [
                 (f"{mlp}.gate_proj.weight", inter, h, 1),
                 (f"{mlp}.up_proj.weight", inter, h, 1),

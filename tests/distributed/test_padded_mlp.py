@@ -59,6 +59,9 @@ def test_padded_intermediate_matches_transformers(odd_models: Callable, arch: st
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         out = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == ref_greedy
+        # The planner's prediction counts the padded shards (ceil(75 / tp) rows per rank).
+        for row in llm.layout():
+            assert row["predicted_param_bytes"] == row["param_bytes"], row
 
 
 def test_padded_gguf_mlp_at_tp3(tmp_path: Path) -> None:
