@@ -101,7 +101,7 @@ class ModelRunner:
         # Decode steps are the steady state and all look alike (one token per sequence), so they
         # are what compilation pays off on: one fused graph instead of ~40 kernels per layer,
         # whose launch overhead dominates small models on CPU and on GPU alike. Steps with a
-        # prefill stay eager: their per-sequence loop would recompile for every batch shape.
+        # prefill stay eager: their padded shapes change from step to step.
         self._decode_model = torch.compile(self.model, dynamic=True) if compile_decode else None
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.cache_config = cache_config
