@@ -306,7 +306,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--single-requests", type=int, default=3)
-    parser.add_argument("--mgpu-flags", nargs="*", default=[], help="extra mgpu serve flags")
+    parser.add_argument(
+        "--mgpu-flags", type=shlex.split, default=[], help="extra mgpu serve flags, one string"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     problem = llama_problem(args.llama_python) if "llama.cpp" in args.engines else None
