@@ -120,3 +120,16 @@ def test_decode_reads_one_copy_laid_out_for_the_matmuls() -> None:
 def test_paged_attention_on_cuda(dtype: torch.dtype) -> None:
     run_steps(dtype, torch.device("cuda"), 5, None, STEPS)
     run_steps(dtype, torch.device("cuda"), None, 3.0, STEPS)
+
+
+def test_a_long_prompt_is_not_padded_next_to_short_ones() -> None:
+    """Spans join one batch while padding at most doubles its attention work: the 3-token prompt
+    fits beside the two long ones (their work dominates), the 2-token ones do not."""
+    lengths = [40, 36, 3, 2, 2]
+    chunks = [
+        SeqChunk(i, [3] * n, 0, list(range(i * 12, (i + 1) * 12)), True)
+        for i, n in enumerate(lengths)
+    ]
+    _, _, meta = step_tensors(chunks, BLOCK, 1024, None, CPU)
+    assert [tuple(b.token_idx.shape) for b in meta.prefills] == [(3, 40), (2, 2)]
+    assert sorted(torch.cat([b.token_flat for b in meta.prefills]).tolist()) == list(range(83))

@@ -19,7 +19,12 @@ from mgpu.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfi
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import pp_recv, pp_send
 from mgpu.engine.messages import SeqChunk, StepInput
-from mgpu.layers.attention import AttentionMetadata, PagedAttention, window_metadata
+from mgpu.layers.attention import (
+    AttentionMetadata,
+    PagedAttention,
+    PrefillBatch,
+    window_metadata,
+)
 from mgpu.layers.moe import expert_parallel
 from mgpu.layers.quantization import quant_config_for, quantization_scope
 from mgpu.memory import kv_bytes_per_token
@@ -342,44 +347,74 @@ def step_tensors(
         meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=device)
         meta.all_decode = not prefill_idx
     if prefill_idx:
-        _prefill_metadata(meta, prefill_idx, prefill_tables, prefill_ctx, device)
+        meta.prefills = _prefill_batches(prefill_idx, prefill_tables, prefill_ctx, device)
     input_ids = torch.tensor(ids, dtype=torch.long, device=device)
     position_ids = torch.tensor(positions, dtype=torch.long, device=device)
     meta = window_metadata(meta, position_ids, sliding_window)
     return input_ids, position_ids, meta
 
 
-def _prefill_metadata(
-    meta: AttentionMetadata,
+def _prefill_batches(
     token_idx: list[list[int]],
     tables: list[list[int]],
     contexts: list[int],
     device: torch.device,
-) -> None:
-    """Fill ``meta``'s prefill fields: the spans padded to the longest, one attention call.
+) -> list[PrefillBatch]:
+    """The step's prefilling spans in batches of one attention call each.
+
+    Spans are taken longest context first; a span joins the current batch while padding the batch
+    to its longest span keeps the attention work within twice the real work, so a long prompt
+    next to short ones does not multiply the short ones' cost.
 
     Args:
-        meta: the step's metadata, filled in place.
         token_idx: each span's flat token indices.
         tables: each span's blocks up to its last new token.
         contexts: each span's context length after this step (cached tokens + new ones).
         device: where the tensors go.
     """
+    order = sorted(range(len(token_idx)), key=lambda i: -contexts[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None:
+            members = [*group, i]
+            padded = len(members) * max(len(token_idx[j]) for j in members) * contexts[group[0]]
+            real = sum(len(token_idx[j]) * contexts[j] for j in members)
+            if padded <= 2 * real:
+                group.append(i)
+                continue
+        groups.append([i])
+    return [
+        _prefill_batch(
+            [token_idx[i] for i in g], [tables[i] for i in g], [contexts[i] for i in g], device
+        )
+        for g in groups
+    ]
+
+
+def _prefill_batch(
+    token_idx: list[list[int]],
+    tables: list[list[int]],
+    contexts: list[int],
+    device: torch.device,
+) -> PrefillBatch:
+    """Spans padded to the longest, for one attention call (arguments as ``_prefill_batches``)."""
     max_n = max(len(t) for t in token_idx)
     padded = [t + [t[0]] * (max_n - len(t)) for t in token_idx]
-    meta.prefill_token_idx = torch.tensor(padded, dtype=torch.long, device=device)
     rows = [s * max_n + j for s, t in enumerate(token_idx) for j in range(len(t))]
-    meta.prefill_rows = torch.tensor(rows, dtype=torch.long, device=device)
     flat = [i for t in token_idx for i in t]
-    meta.prefill_token_flat = torch.tensor(flat, dtype=torch.long, device=device)
-    meta.prefill_from_cache = any(c > len(t) for c, t in zip(contexts, token_idx, strict=True))
-    if meta.prefill_from_cache:
+    batch = PrefillBatch(
+        token_idx=torch.tensor(padded, dtype=torch.long, device=device),
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        token_flat=torch.tensor(flat, dtype=torch.long, device=device),
+        num_keys=max_n,
+    )
+    if any(c > len(t) for c, t in zip(contexts, token_idx, strict=True)):
         width = max(len(t) for t in tables)
         table_rows = [t + [0] * (width - len(t)) for t in tables]
-        meta.prefill_block_tables = torch.tensor(table_rows, dtype=torch.long, device=device)
-        meta.prefill_num_keys = max(contexts)
-    else:
-        meta.prefill_num_keys = max_n
+        batch.block_tables = torch.tensor(table_rows, dtype=torch.long, device=device)
+        batch.from_cache, batch.num_keys = True, max(contexts)
+    return batch
 
 
 def _test_slow_seconds(rank: int) -> float:

@@ -10,19 +10,33 @@ with no further copy, and only the blocks the sequences own are read (padded to 
 
 Each step's tokens are flattened across sequences: (tokens, heads, head_dim). Sequences feeding one
 token (decode) are batched into one pair of matmuls over their blocks, grouped query heads sharing
-their KV head's keys. Sequences feeding several (prefill, or a chunk of one) are batched into one
-scaled-dot-product call, padded to the longest, each with a causal mask offset by what it has
-cached already.
+their KV head's keys. Sequences feeding several (prefill, or a chunk of one) are batched into
+scaled-dot-product calls, each over spans of similar length padded to the longest, each span with
+a causal mask offset by what it has cached already.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class PrefillBatch:
+    """Sequences feeding several tokens this step (prefill, or a chunk of one), S of them,
+    padded to the longest (max_n) for one attention call."""
+
+    token_idx: torch.Tensor  # (S, max_n) flat index of each token; padding repeats the first
+    rows: torch.Tensor  # (P,) real tokens' rows of the (S * max_n) padding
+    token_flat: torch.Tensor  # (P,) the same tokens' flat indices
+    num_keys: int  # keys per span: the longest context (from the cache) or max_n
+    from_cache: bool = False  # a span has cached context: keys come from the cache
+    block_tables: torch.Tensor | None = None  # (S, max_ctx_blocks) int64, padded with 0
+    mask: torch.Tensor | None = None  # (S, 1, max_n, keys) bool; None: plain causal
 
 
 @dataclass
@@ -40,15 +54,7 @@ class AttentionMetadata:
     decode_num_keys: int = 0  # max_blocks * block_size
     decode_bias: torch.Tensor | None = None  # (B, 1, keys) float32: 0 (visible) or -inf
     all_decode: bool = False  # every token of the step is a decode token (skip the index ops)
-    # Prefilling sequences (several new tokens each), S of them, padded to the longest (max_n).
-    prefill_token_idx: torch.Tensor | None = None  # (S, max_n) flat index of each token; padding
-    # repeats the span's first token
-    prefill_rows: torch.Tensor | None = None  # (P,) real tokens' rows of the (S * max_n) padding
-    prefill_token_flat: torch.Tensor | None = None  # (P,) the same tokens' flat indices
-    prefill_block_tables: torch.Tensor | None = None  # (S, max_ctx_blocks) int64, padded with 0
-    prefill_from_cache: bool = False  # a span has cached context: keys come from the cache
-    prefill_num_keys: int = 0  # keys per span: the longest context (from cache) or max_n
-    prefill_mask: torch.Tensor | None = None  # (S, 1, max_n, keys) bool; None: plain causal
+    prefills: list[PrefillBatch] = field(default_factory=list)  # prefilling sequences, batched
 
 
 def visible_keys(
@@ -76,24 +82,34 @@ def window_metadata(
         positions: (tokens,) absolute positions of the step's tokens.
         sliding_window: the layers' window width, None for global attention.
     """
-    decode_bias = prefill_mask = None
+    decode_bias = None
     if meta.decode_token_idx is not None:
         query_pos = positions[meta.decode_token_idx]  # (B,)
         visible = visible_keys(query_pos, meta.decode_num_keys, sliding_window)  # (B, keys)
         zeros = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
         decode_bias = zeros.masked_fill(~visible, float("-inf")).unsqueeze(1)  # (B, 1, keys)
-    if meta.prefill_token_idx is not None:
-        spans, max_n = meta.prefill_token_idx.shape
-        query_pos = positions[meta.prefill_token_idx]  # (S, max_n)
-        # One fresh span needs no mask unless its window cuts in: SDPA's causal mode does it.
-        plain = spans == 1 and not meta.prefill_from_cache
-        if not plain or (sliding_window is not None and max_n > sliding_window):
-            keys = meta.prefill_num_keys
-            if not meta.prefill_from_cache:  # keys are the spans' own tokens, from position 0
-                query_pos = torch.arange(max_n, device=positions.device).expand(spans, max_n)
-            mask = visible_keys(query_pos.reshape(-1), keys, sliding_window)
-            prefill_mask = mask.view(spans, 1, max_n, keys)
-    return dataclasses.replace(meta, decode_bias=decode_bias, prefill_mask=prefill_mask)
+    prefills = [
+        dataclasses.replace(b, mask=_prefill_mask(b, positions, sliding_window))
+        for b in meta.prefills
+    ]
+    return dataclasses.replace(meta, decode_bias=decode_bias, prefills=prefills)
+
+
+def _prefill_mask(
+    batch: PrefillBatch, positions: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor | None:
+    """(S, 1, max_n, keys) mask of one prefill batch; None when SDPA's causal mode is it."""
+    spans, max_n = batch.token_idx.shape
+    # One fresh span needs no mask unless its window cuts in.
+    plain = spans == 1 and not batch.from_cache
+    if plain and (sliding_window is None or max_n <= sliding_window):
+        return None
+    if batch.from_cache:
+        query_pos = positions[batch.token_idx]  # (S, max_n)
+    else:  # keys are the spans' own tokens, from position 0
+        query_pos = torch.arange(max_n, device=positions.device).expand(spans, max_n)
+    mask = visible_keys(query_pos.reshape(-1), batch.num_keys, sliding_window)
+    return mask.view(spans, 1, max_n, batch.num_keys)
 
 
 class PagedAttention(nn.Module):
@@ -145,8 +161,8 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], meta)
-        if meta.prefill_token_idx is not None:
-            out[meta.prefill_token_flat] = self._prefill(q, kv, meta)
+        for batch in meta.prefills:
+            out[batch.token_flat] = self._prefill(q, kv, batch)
         return out.reshape(q.shape[0], -1)
 
     def gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,26 +203,24 @@ class PagedAttention(nn.Module):
         out = torch.matmul(probs.to(v.dtype), v)  # (kv, B, g, d)
         return out.transpose(0, 1).reshape(batch, self.num_heads, self.head_dim).to(dtype)
 
-    def _prefill(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Every prefilling span in one call: q (tokens, heads, d) and kv (tokens, 2, kv_heads,
-        d) of the step -> (P, heads, d) for the P prefill tokens, in ``prefill_token_flat``
-        order."""
-        assert meta.prefill_token_idx is not None and meta.prefill_rows is not None
-        spans, max_n = meta.prefill_token_idx.shape
-        qs = q[meta.prefill_token_idx].transpose(1, 2)  # (S, heads, max_n, d)
-        if meta.prefill_from_cache:  # keys include cached context: read them from the cache
-            assert meta.prefill_block_tables is not None
-            k, v = self.gather(meta.prefill_block_tables)  # (kv, S, blocks * bs, d)
-            keys = meta.prefill_num_keys
+    def _prefill(self, q: torch.Tensor, kv: torch.Tensor, batch: PrefillBatch) -> torch.Tensor:
+        """One batch of prefilling spans in one call: q (tokens, heads, d) and kv (tokens, 2,
+        kv_heads, d) of the step -> (P, heads, d) for its P tokens, in ``token_flat`` order."""
+        spans, max_n = batch.token_idx.shape
+        qs = q[batch.token_idx].transpose(1, 2)  # (S, heads, max_n, d)
+        if batch.from_cache:  # keys include cached context: read them from the cache
+            assert batch.block_tables is not None
+            k, v = self.gather(batch.block_tables)  # (kv, S, blocks * bs, d)
+            keys = batch.num_keys
             k, v = k[:, :, :keys].transpose(0, 1), v[:, :, :keys].transpose(0, 1)  # (S,kv,L,d)
         else:  # keys are the spans' own new tokens
-            kvs = kv[meta.prefill_token_idx]  # (S, max_n, 2, kv, d)
+            kvs = kv[batch.token_idx]  # (S, max_n, 2, kv, d)
             k, v = kvs[:, :, 0].transpose(1, 2), kvs[:, :, 1].transpose(1, 2)  # (S, kv, n, d)
-        out = self._sdpa(qs, k, v, meta.prefill_mask)  # (S, heads, max_n, d)
+        out = self._sdpa(qs, k, v, batch.mask)  # (S, heads, max_n, d)
         flat = out.transpose(1, 2).reshape(spans * max_n, self.num_heads, self.head_dim)
-        if flat.shape[0] == meta.prefill_rows.shape[0]:  # no padding
+        if flat.shape[0] == batch.rows.shape[0]:  # no padding
             return flat
-        return flat[meta.prefill_rows]
+        return flat[batch.rows]
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
