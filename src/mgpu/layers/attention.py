@@ -100,9 +100,9 @@ def _prefill_mask(
 ) -> torch.Tensor | None:
     """(S, 1, max_n, keys) mask of one prefill batch; None when SDPA's causal mode is it."""
     spans, max_n = batch.token_idx.shape
-    # One fresh span needs no mask unless its window cuts in.
-    plain = spans == 1 and not batch.from_cache
-    if plain and (sliding_window is None or max_n <= sliding_window):
+    # Fresh spans need no mask unless a window cuts in: in SDPA's causal mode a real query never
+    # sees the padding after its span's last token.
+    if not batch.from_cache and (sliding_window is None or max_n <= sliding_window):
         return None
     if batch.from_cache:
         query_pos = positions[batch.token_idx]  # (S, max_n)
