@@ -8,6 +8,8 @@ step's input tensors and attention metadata, the model's forward, the LM head, t
 detokenising) is the gap between ``LLM.generate``'s time per token and ``execute``'s.
 
 Run: ``python benchmarks/profile_decode.py [--batch 1 32] [--steps 20]``; prints the tables.
+``--settings`` instead compares single-stream decode of the demo model under the default settings,
+``cpu_reserved_cores=0`` and ``compile=True`` (engines timed in turns).
 """
 
 from __future__ import annotations
@@ -102,6 +104,40 @@ def engine_rate(path: Path, tokens: int = 64) -> float:
         return tokens / (time.perf_counter() - start)
 
 
+#: The settings ``--defaults`` compares: what a user gets, and the two it could be instead.
+SETTINGS = {
+    "defaults (one core kept, eager)": {},
+    "cpu_reserved_cores=0": {"cpu_reserved_cores": 0},
+    "compile=True": {"compile_decode": True},
+}
+
+
+def settings_rates(path: Path, rounds: int = 4, tokens: int = 64) -> None:
+    """Print single-stream tokens/s of ``LLM(...)`` under each of :data:`SETTINGS`, the engines
+    alive at once and timed in turns (best of ``rounds``), with each one's start-up time."""
+    llms, started = {}, {}
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(2, 2 + PROMPT_LEN))}
+    try:
+        for name, kwargs in SETTINGS.items():
+            begin = time.perf_counter()
+            llms[name] = LLM(str(path), device="cpu", dtype="float32", max_model_len=512, **kwargs)
+            llms[name].generate([prompt], params, use_tqdm=False)  # warm-up (and compilation)
+            started[name] = time.perf_counter() - begin
+        best = dict.fromkeys(llms, 0.0)
+        for _ in range(rounds):
+            for name, llm in llms.items():
+                begin = time.perf_counter()
+                llm.generate([prompt], params, use_tqdm=False)
+                best[name] = max(best[name], tokens / (time.perf_counter() - begin))
+    finally:
+        for llm in llms.values():
+            llm.shutdown()
+    print(f"\n{path.name}: single stream through LLM(...), engines timed in turns")
+    for name in llms:
+        print(f"  {name:34s} {best[name]:7.1f} tokens/s  start-up + warm-up {started[name]:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
@@ -110,7 +146,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: what a TP=1 worker gets)"
     )
+    parser.add_argument(
+        "--settings", action="store_true", help="only compare the LLM(...) settings (defaults)"
+    )
     args = parser.parse_args()
+    if args.settings:
+        settings_rates(demo_model_path())
+        return
     threads = args.threads or len(cpu_shares(1)[0])
     torch.set_num_threads(threads)
     print(f"{threads} torch thread(s), {os.cpu_count()} cores")

@@ -248,15 +248,15 @@ class Sampler:
     def __call__(self, seq_ids: list[int], logits: torch.Tensor) -> list[SampleResult]:
         """Sample one token per row of ``logits`` (batch, vocab) float32.
 
-        Rows with a NaN, and rows of a sequence whose state could not be set up, are failed
-        without sampling. When the batched path raises, each row is
-        sampled on its own, so only the rows that fail alone get an error result; the seeded
-        generators are rewound first, so the retried rows draw what they would have drawn.
+        Rows of a sequence whose state could not be set up are failed without sampling; rows
+        with a NaN, or whose probabilities are not finite, get an error result from the batch.
+        When the batched path raises, each row is sampled on its own, so only the rows that
+        fail alone get an error result; the seeded generators are rewound first, so the retried
+        rows draw what they would have drawn.
         """
-        has_nan = torch.isnan(logits).any(dim=-1).tolist()  # (batch,)
         results: list[SampleResult | None] = [None] * len(seq_ids)
-        for i, (seq_id, nan) in enumerate(zip(seq_ids, has_nan, strict=True)):
-            error = "the model produced NaN logits" if nan else self.failed.get(seq_id)
+        for i, seq_id in enumerate(seq_ids):
+            error = self.failed.get(seq_id)
             if error is not None:
                 results[i] = SampleResult(0, error=error)
         good = [i for i, r in enumerate(results) if r is None]
@@ -284,64 +284,134 @@ class Sampler:
             return SampleResult(0, error=f"sampling failed: {type(exc).__name__}: {exc}")
 
     def _sample_batch(self, seq_ids: list[int], logits: torch.Tensor) -> list[SampleResult]:
+        """The batch on tensors, then one transfer to the host: tokens, per-row error codes and,
+        when asked for, log-probabilities."""
         states = [self.states[s] for s in seq_ids]
         params = [s.params for s in states]
         if self._fault_seed is not None and any(p.seed == self._fault_seed for p in params):
             raise RuntimeError(f"fault injected by {SAMPLER_FAULT_ENV}={self._fault_seed}")
-        if all(p.is_greedy and not p.has_penalties and p.logprobs is None for p in params):
-            return [SampleResult(int(t)) for t in logits.argmax(dim=-1).tolist()]
-        logits = logits.clone()
-        for row, state in enumerate(states):
-            if state.counts is not None:
-                self._apply_penalties(logits[row], state)
-        # Log-probabilities are reported from the model's distribution (after penalties, before
-        # temperature and truncation), as OpenAI and vLLM report them.
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tokens = self._sample(logits, params, [s.generator for s in states])
+        errors = torch.isnan(logits).any(dim=-1).long()  # (batch,) 1: NaN logits
+        penalised = [row for row, state in enumerate(states) if state.counts is not None]
+        if penalised:
+            logits = logits.clone()
+            logits[penalised] = _penalise(
+                logits[penalised], [states[row] for row in penalised]
+            )  # (P, vocab)
+        tokens = logits.argmax(dim=-1)  # (batch,) greedy
+        sampled = [row for row, p in enumerate(params) if not p.is_greedy]
+        if sampled:
+            choice, finite = self._draw(
+                logits[sampled], [params[r] for r in sampled], [states[r] for r in sampled]
+            )
+            tokens[sampled] = choice
+            errors[sampled] = torch.where(finite, errors[sampled], 2)  # 2: non-finite probs
+        packed = [tokens, errors]
+        top = max((p.logprobs or 0 for p in params), default=0)
+        wants_logprobs = any(p.logprobs is not None for p in params)
+        if wants_logprobs:
+            # Log-probabilities are reported from the model's distribution (after penalties,
+            # before temperature and truncation), as OpenAI and vLLM report them.
+            logprobs = torch.log_softmax(logits, dim=-1)  # (batch, vocab)
+            packed.append(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+            if top > 0:
+                values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+                packed += [values.flatten(), indices.flatten()]
+        host = torch.cat([t.double() for t in packed]).tolist()  # the step's one transfer
+        batch = len(seq_ids)
         results = []
-        for row, (token, p) in enumerate(zip(tokens, params, strict=True)):
+        for row, p in enumerate(params):
+            token, code = int(host[row]), int(host[batch + row])
+            if code:
+                results.append(SampleResult(0, error=_ERRORS[code]))
+                continue
             result = SampleResult(token)
             if p.logprobs is not None:
-                result.logprob = float(logprobs[row, token])
+                result.logprob = host[2 * batch + row]
+                width = min(top, logits.shape[-1])
+                start = 3 * batch + row * width
+                values = host[start : start + p.logprobs]
+                indices = host[start + batch * width : start + batch * width + p.logprobs]
                 if p.logprobs > 0:
-                    top = logprobs[row].topk(min(p.logprobs, logprobs.shape[-1]))
-                    pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
-                    result.top_logprobs = list(pairs)
+                    result.top_logprobs = [
+                        (int(i), v) for i, v in zip(indices, values, strict=True)
+                    ]
             results.append(result)
         # Only once nothing can raise any more: a retried row must not count its token twice.
-        for token, state in zip(tokens, states, strict=True):
-            if state.counts is not None:
-                state.counts[token] += 1
+        for result, state in zip(results, states, strict=True):
+            if state.counts is not None and result.error is None:
+                state.counts[result.token_id] += 1
         return results
 
     @staticmethod
-    def _apply_penalties(row: torch.Tensor, state: _SeqState) -> None:
-        p, counts = state.params, state.counts
-        assert counts is not None
-        seen = counts > 0
-        if p.repetition_penalty != 1:
-            penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            row.copy_(torch.where(seen, penalised, row))
-        row -= p.frequency_penalty * counts + p.presence_penalty * seen
+    def _draw(
+        logits: torch.Tensor, params: list[SamplingParams], states: list[_SeqState]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random tokens of (R, vocab) logits: (R,) tokens and (R,) whether each row's
+        probabilities were finite (a row that is not draws from a uniform stand-in)."""
+        temps = torch.tensor([p.temperature for p in params], device=logits.device)
+        probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)  # (R, vocab)
+        probs = _truncate(probs, params)
+        finite = torch.isfinite(probs).all(dim=-1)  # (R,)
+        probs = torch.where(finite.unsqueeze(1), probs, 1.0)
+        generators = [s.generator for s in states]
+        if probs.device.type == "cpu":
+            return _multinomial(probs, generators), finite
+        return exponential_race(probs, generators), finite
 
-    def _sample(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-    ) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        out = list(greedy)
-        rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if not rows:
-            return out
-        idx = torch.tensor(rows, device=logits.device)
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-        probs = torch.softmax(logits[idx] / temps.unsqueeze(1), dim=-1)  # (R, vocab)
-        probs = _truncate(probs, [params[i] for i in rows])
-        for j, i in enumerate(rows):
-            out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
-        return out
+
+def _multinomial(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(R,) tokens of (R, vocab) probabilities: one ``multinomial`` for the unseeded rows and one
+    per seeded row from its generator (on CPU there is no device to wait for, and this draws
+    far fewer random numbers than the exponential race)."""
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    unseeded = [row for row, g in enumerate(generators) if g is None]
+    if unseeded:
+        tokens[unseeded] = torch.multinomial(probs[unseeded], 1).squeeze(1)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            tokens[row : row + 1] = torch.multinomial(probs[row], 1, generator=generator)
+    return tokens
+
+
+def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(R,) tokens of (R, vocab) probabilities as the argmax of ``probs / E``, E exponential
+    draws: token i wins with probability ``probs[i]``. Unlike ``multinomial`` on CUDA it never
+    waits for the device (gpt-fast samples the same way). Seeded rows draw E from their own
+    generators, the others in one call."""
+    race = torch.empty_like(probs)  # (R, vocab)
+    unseeded = [row for row, g in enumerate(generators) if g is None]
+    if unseeded:
+        race[unseeded] = torch.empty_like(race[unseeded]).exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            race[row].exponential_(generator=generator)
+    tiny = torch.finfo(probs.dtype).tiny
+    return (probs / race.clamp_min(tiny)).argmax(dim=-1)
+
+
+#: Error results of the codes ``_sample_batch`` computes per row.
+_ERRORS = {
+    1: "the model produced NaN logits",
+    2: "sampling failed: the probabilities are not finite (infinite logits)",
+}
+
+
+def _penalise(logits: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
+    """(P, vocab) logits with each row's repetition, frequency and presence penalties applied
+    for the tokens its sequence has generated."""
+    counts = torch.stack([s.counts for s in states if s.counts is not None])  # (P, vocab)
+    device = logits.device
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=logits.dtype, device=device).unsqueeze(1)  # (P, 1)
+
+    repetition = column([s.params.repetition_penalty for s in states])
+    frequency = column([s.params.frequency_penalty for s in states])
+    presence = column([s.params.presence_penalty for s in states])
+    seen = counts > 0
+    scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, scaled, logits)
+    return logits - (frequency * counts + presence * seen)
 
 
 def _truncate(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -353,7 +423,7 @@ def _truncate(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
     )
     top_p = torch.tensor([p.top_p for p in params], device=probs.device)
     min_p = torch.tensor([p.min_p for p in params], device=probs.device)
-    if bool((top_k < vocab).any() or (top_p < 1).any()):
+    if any(0 < p.top_k < vocab or p.top_p < 1 for p in params):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=probs.device).unsqueeze(0)
         # Mass strictly before each token: a token is kept while that mass is below top_p. The
@@ -363,7 +433,7 @@ def _truncate(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
         drop[:, 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
         threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)

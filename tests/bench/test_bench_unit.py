@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mgpu.bench.client import RequestResult
+from mgpu.bench.client import RequestResult, request_body
 from mgpu.bench.local import layout_label, parse_sweeps, verdict
 from mgpu.bench.report import (
     compare_table,
@@ -20,7 +20,7 @@ from mgpu.bench.report import (
     to_csv,
 )
 from mgpu.bench.runner import LevelRun, poisson_delays
-from mgpu.bench.workload import file_requests, parse_lengths, synthetic_requests
+from mgpu.bench.workload import BenchRequest, file_requests, parse_lengths, synthetic_requests
 from mgpu.errors import ConfigError
 
 
@@ -117,3 +117,12 @@ def test_level_summary_csv_compare_and_verdict(tmp_path: Path) -> None:
         "tp=2 against tp=1: yes, for throughput and single-stream speed"
     )
     assert ": no." in verdict([("tp=1", faster), ("tp=2", doc)])
+
+
+def test_extra_body_fields_are_merged() -> None:
+    """A server without ``ignore_eos`` (llama.cpp) gets its EOS tokens banned instead."""
+    req = BenchRequest("hello", 8)
+    body = request_body(req, "m", "completions", {"logit_bias": {"1": -100}})
+    assert body["logit_bias"] == {"1": -100} and body["prompt"] == "hello"
+    assert body["max_tokens"] == 8 and body["ignore_eos"] is True
+    assert "logit_bias" not in request_body(req, "m", "chat")

@@ -54,8 +54,8 @@ class RequestResult:
         return (self.latency - self.ttft) / (self.output_tokens - 1)
 
 
-def request_body(req: BenchRequest, model: str, endpoint: str) -> dict:
-    """The JSON body of a streamed completions or chat request."""
+def request_body(req: BenchRequest, model: str, endpoint: str, extra: dict | None = None) -> dict:
+    """The JSON body of a streamed completions or chat request, ``extra`` fields merged in."""
     body: dict = {
         "model": model,
         "max_tokens": req.max_tokens,
@@ -68,7 +68,7 @@ def request_body(req: BenchRequest, model: str, endpoint: str) -> dict:
         body["messages"] = [{"role": "user", "content": req.prompt}]
     else:
         body["prompt"] = req.prompt
-    return body
+    return body | (extra or {})
 
 
 def _text_of(chunk: dict, endpoint: str) -> str:
@@ -88,6 +88,7 @@ async def send(
     model: str,
     endpoint: str = "completions",
     headers: dict[str, str] | None = None,
+    extra_body: dict | None = None,
 ) -> RequestResult:
     """Send one streamed request and time it; never raises for a server's failure.
 
@@ -98,6 +99,8 @@ async def send(
         model: the ``model`` field.
         endpoint: ``completions`` (``/v1/completions``) or ``chat`` (``/v1/chat/completions``).
         headers: extra headers (an ``Authorization`` bearer key).
+        extra_body: fields added to the request body (``logit_bias`` for a server that ignores
+            ``ignore_eos``).
     """
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     result = RequestResult(start=time.perf_counter())
@@ -105,7 +108,10 @@ async def send(
     done = False
     try:
         async with client.stream(
-            "POST", url.rstrip("/") + path, json=request_body(req, model, endpoint), headers=headers
+            "POST",
+            url.rstrip("/") + path,
+            json=request_body(req, model, endpoint, extra_body),
+            headers=headers,
         ) as response:
             if response.status_code >= 300:
                 await response.aread()

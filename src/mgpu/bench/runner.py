@@ -69,6 +69,7 @@ async def run_level(
     seed: int = 0,
     progress: bool = True,
     label: str = "",
+    extra_body: dict | None = None,
 ) -> LevelRun:
     """Send every request of ``requests`` under one load level.
 
@@ -84,6 +85,7 @@ async def run_level(
         seed: seed of the arrival times.
         progress: show a progress bar (on stderr).
         label: the progress bar's description.
+        extra_body: fields added to every request's body.
     """
     if concurrency is None and request_rate is None:
         raise ValueError("give a concurrency, a request rate, or both")
@@ -97,7 +99,8 @@ async def run_level(
 
         async def one(index: int) -> None:
             async with gate:
-                results[index] = await send(client, url, requests[index], model, endpoint, headers)
+                req = requests[index]
+                results[index] = await send(client, url, req, model, endpoint, headers, extra_body)
             bar.update(1)
 
         begin = time.perf_counter()

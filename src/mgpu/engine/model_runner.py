@@ -21,7 +21,12 @@ from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import pp_recv, pp_send
 from mgpu.engine.forward_context import ForwardContext, set_forward_context
 from mgpu.engine.messages import SeqChunk, StepInput
-from mgpu.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, visible_keys
+from mgpu.layers.attention import (
+    AttentionMetadata,
+    PagedAttention,
+    PrefillBatch,
+    window_metadata,
+)
 from mgpu.layers.moe import expert_parallel
 from mgpu.layers.quantization import quant_config_for, quantization_scope
 from mgpu.memory import kv_bytes_per_token
@@ -107,7 +112,7 @@ class ModelRunner:
         # Decode steps are the steady state and all look alike (one token per sequence), so they
         # are what compilation pays off on: one fused graph instead of ~40 kernels per layer,
         # whose launch overhead dominates small models on CPU and on GPU alike. Steps with a
-        # prefill stay eager: their per-sequence loop would recompile for every batch shape.
+        # prefill stay eager: their padded shapes change from step to step.
         self._decode_model = torch.compile(self.model, dynamic=True) if compile_decode else None
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.cache_config = cache_config
@@ -211,9 +216,9 @@ class ModelRunner:
         self.allocate_kv_cache(0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """(Re)allocate every layer's cache: (num_blocks, block_size, 2, kv_heads, head_dim)."""
+        """(Re)allocate every layer's cache: (2, kv_heads, num_blocks, block_size, head_dim)."""
         for attn in self.attn_layers:
-            shape = (num_blocks, self.block_size, 2, attn.num_kv_heads, attn.head_dim)
+            shape = attn.cache_shape(num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ---- steps --------------------------------------------------------------------------------
@@ -221,48 +226,15 @@ class ModelRunner:
     def _metadata(
         self, chunks: list[SeqChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_idx: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_pos: list[int] = []
-        prefills: list[PrefillSpan] = []
-        for chunk in chunks:
-            start = len(ids)
-            n = len(chunk.token_ids)
-            ids.extend(chunk.token_ids)
-            pos = range(chunk.start_pos, chunk.start_pos + n)
-            if pos.stop > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"position {pos.stop - 1} is beyond the model's "
-                    f"{self.config.max_position_embeddings} positions"
-                )
-            positions.extend(pos)
-            table = chunk.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if n == 1 and chunk.start_pos > 0:
-                decode_idx.append(start)
-                decode_tables.append(table)
-                decode_pos.append(chunk.start_pos)
-            else:
-                tensor_table = torch.tensor(table, dtype=torch.long, device=self.device)
-                prefills.append(PrefillSpan(start, n, chunk.start_pos, tensor_table))
-        dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
-        if decode_idx:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
-            query_pos = torch.tensor(decode_pos, device=dev)
-            mask = visible_keys(query_pos, width * bs, self.config.sliding_window)
-            meta.decode_mask = mask[:, None, None, :]  # (B, 1, 1, keys)
-            meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=dev)
-            meta.all_decode = not prefills
-        meta.prefills = prefills
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        return input_ids, torch.tensor(positions, dtype=torch.long, device=dev), meta
+        """The step's input ids (T,), positions (T,) and attention metadata."""
+        config = self.config
+        return step_tensors(
+            chunks,
+            self.block_size,
+            config.max_position_embeddings,
+            config.sliding_window,
+            self.device,
+        )
 
     @torch.inference_mode()
     def _forward(self, step: StepInput) -> torch.Tensor | None:
@@ -334,7 +306,7 @@ class ModelRunner:
         engine runs it only while no request is in flight, so it may use any blocks of the cache.
         """
         needed = blocks_for_tokens(len(token_ids), self.block_size)
-        total = self.attn_layers[0].kv_cache.shape[0]
+        total = self.attn_layers[0].num_blocks
         if needed > total:
             raise ValueError(f"prompt of {len(token_ids)} tokens exceeds the KV cache")
         chunk = SeqChunk(-1, token_ids, 0, list(range(needed)), sample=False)
@@ -343,6 +315,129 @@ class ModelRunner:
             return None
         logits = self.model.compute_logits(hidden)
         return None if logits is None else logits.cpu()
+
+
+def step_tensors(
+    chunks: list[SeqChunk],
+    block_size: int,
+    max_positions: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A step's input ids (T,), positions (T,) and attention metadata, its chunks flattened.
+
+    Args:
+        chunks: the step's sequences and the tokens each feeds.
+        block_size: tokens per KV-cache block.
+        max_positions: the model's ``max_position_embeddings``.
+        sliding_window: the model's window width, for the masks (None: global attention).
+        device: where the tensors go.
+    """
+    bs = block_size
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    decode_idx: list[int] = []
+    decode_tables: list[list[int]] = []
+    prefill_idx: list[list[int]] = []
+    prefill_tables: list[list[int]] = []
+    prefill_ctx: list[int] = []
+    for chunk in chunks:
+        start = len(ids)
+        n = len(chunk.token_ids)
+        ids.extend(chunk.token_ids)
+        pos = range(chunk.start_pos, chunk.start_pos + n)
+        if pos.stop > max_positions:
+            raise ValueError(
+                f"position {pos.stop - 1} is beyond the model's {max_positions} positions"
+            )
+        positions.extend(pos)
+        table = chunk.block_table
+        slots.extend(table[p // bs] * bs + p % bs for p in pos)
+        if n == 1 and chunk.start_pos > 0:
+            decode_idx.append(start)
+            decode_tables.append(table)
+        else:
+            prefill_idx.append(list(range(start, start + n)))
+            prefill_tables.append(table[: blocks_for_tokens(pos.stop, bs)])
+            prefill_ctx.append(pos.stop)
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+    if decode_idx:
+        width = max(len(t) for t in decode_tables)
+        padded = [t + [0] * (width - len(t)) for t in decode_tables]
+        meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
+        meta.decode_num_keys = width * bs
+        meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=device)
+        meta.all_decode = not prefill_idx
+    if prefill_idx:
+        meta.prefills = _prefill_batches(prefill_idx, prefill_tables, prefill_ctx, device)
+    input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+    position_ids = torch.tensor(positions, dtype=torch.long, device=device)
+    meta = window_metadata(meta, position_ids, sliding_window)
+    return input_ids, position_ids, meta
+
+
+def _prefill_batches(
+    token_idx: list[list[int]],
+    tables: list[list[int]],
+    contexts: list[int],
+    device: torch.device,
+) -> list[PrefillBatch]:
+    """The step's prefilling spans in batches of one attention call each.
+
+    Spans are taken longest context first; a span joins the current batch while padding the batch
+    to its longest span keeps the attention work within twice the real work, so a long prompt
+    next to short ones does not multiply the short ones' cost.
+
+    Args:
+        token_idx: each span's flat token indices.
+        tables: each span's blocks up to its last new token.
+        contexts: each span's context length after this step (cached tokens + new ones).
+        device: where the tensors go.
+    """
+    order = sorted(range(len(token_idx)), key=lambda i: -contexts[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None:
+            members = [*group, i]
+            padded = len(members) * max(len(token_idx[j]) for j in members) * contexts[group[0]]
+            real = sum(len(token_idx[j]) * contexts[j] for j in members)
+            if padded <= 2 * real:
+                group.append(i)
+                continue
+        groups.append([i])
+    return [
+        _prefill_batch(
+            [token_idx[i] for i in g], [tables[i] for i in g], [contexts[i] for i in g], device
+        )
+        for g in groups
+    ]
+
+
+def _prefill_batch(
+    token_idx: list[list[int]],
+    tables: list[list[int]],
+    contexts: list[int],
+    device: torch.device,
+) -> PrefillBatch:
+    """Spans padded to the longest, for one attention call (arguments as ``_prefill_batches``)."""
+    max_n = max(len(t) for t in token_idx)
+    padded = [t + [t[0]] * (max_n - len(t)) for t in token_idx]
+    rows = [s * max_n + j for s, t in enumerate(token_idx) for j in range(len(t))]
+    flat = [i for t in token_idx for i in t]
+    batch = PrefillBatch(
+        token_idx=torch.tensor(padded, dtype=torch.long, device=device),
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        token_flat=torch.tensor(flat, dtype=torch.long, device=device),
+        num_keys=max_n,
+    )
+    if any(c > len(t) for c, t in zip(contexts, token_idx, strict=True)):
+        width = max(len(t) for t in tables)
+        table_rows = [t + [0] * (width - len(t)) for t in tables]
+        batch.block_tables = torch.tensor(table_rows, dtype=torch.long, device=device)
+        batch.from_cache, batch.num_keys = True, max(contexts)
+    return batch
 
 
 def _test_slow_seconds(rank: int) -> float:

@@ -1,14 +1,18 @@
 """Attention over a paged KV cache, in plain PyTorch (the same code on CPU and CUDA).
 
-The cache of one layer on one rank is one tensor of shape (num_blocks, block_size, 2, kv_heads, d):
-keys and values of a token side by side, so a step writes them with one ``index_copy_`` and a decode
-reads them with one ``index_select``. A sequence owns a list of blocks (its block table); the token
-at position p lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+The cache of one layer on one rank is one tensor of shape (2, kv_heads, num_blocks, block_size, d):
+keys then values, each head's blocks side by side. A sequence owns a list of blocks (its block
+table); the token at position p lives in slot ``block_table[p // block_size] * block_size +
+p % block_size`` of every head. Seen as rows of ``block_size * d`` elements, one block of one head
+is one row, so a step reads the blocks of a whole batch with one ``index_select`` over rows, and
+the result is already laid out (kv_heads, sequences, keys, d): the matmuls consume it as it is,
+with no further copy, and only the blocks the sequences own are read (padded to the longest table).
 
 Each step's tokens are flattened across sequences: (tokens, heads, head_dim). Sequences feeding one
-token (decode) are batched into one pair of matmuls over their gathered caches; sequences feeding
-several (prefill, or a chunk of one) are handled one by one with a causal mask offset by what is
-already cached.
+token (decode) are batched into one pair of matmuls over their blocks, grouped query heads sharing
+their KV head's keys. Sequences feeding several (prefill, or a chunk of one) are batched into
+scaled-dot-product calls, each over spans of similar length padded to the longest, each span with
+a causal mask offset by what it has cached already.
 """
 
 from __future__ import annotations
@@ -22,27 +26,35 @@ from torch import nn
 
 
 @dataclass
-class PrefillSpan:
-    """One sequence feeding several tokens this step."""
+class PrefillBatch:
+    """Sequences feeding several tokens this step (prefill, or a chunk of one), S of them,
+    padded to the longest (max_n) for one attention call."""
 
-    token_start: int  # index of its first token in the flat batch
-    num_tokens: int
-    start_pos: int  # position of its first token (> 0 when part of it is cached already)
-    block_table: torch.Tensor  # (num_blocks_of_seq,) int64
+    token_idx: torch.Tensor  # (S, max_n) flat index of each token; padding repeats the first
+    rows: torch.Tensor  # (P,) real tokens' rows of the (S * max_n) padding
+    token_flat: torch.Tensor  # (P,) the same tokens' flat indices
+    num_keys: int  # keys per span: the longest context (from the cache) or max_n
+    from_cache: bool = False  # a span has cached context: keys come from the cache
+    block_tables: torch.Tensor | None = None  # (S, max_ctx_blocks) int64, padded with 0
+    mask: torch.Tensor | None = None  # (S, 1, max_n, keys) bool; None: plain causal
 
 
 @dataclass
 class AttentionMetadata:
-    """Per-step attention inputs shared by every layer (STYLE.md convention 7)."""
+    """Per-step attention inputs shared by every layer (STYLE.md convention 7).
+
+    The masks depend on the layers' window width: :func:`window_metadata` builds them, for the
+    model's ``sliding_window`` in the model runner and for layers of another width in the model.
+    """
 
     slot_mapping: torch.Tensor  # (tokens,) int64: cache slot of each new token
-    decode_token_idx: torch.Tensor | None = (
-        None  # (B,) flat index of each decoding sequence's token
-    )
+    # Decoding sequences (one new token each), B of them.
+    decode_token_idx: torch.Tensor | None = None  # (B,) flat index of each decoding token
     decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int64, padded with block 0
-    decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool: key visible
+    decode_num_keys: int = 0  # max_blocks * block_size
+    decode_bias: torch.Tensor | None = None  # (B, 1, keys) float32: 0 (visible) or -inf
     all_decode: bool = False  # every token of the step is a decode token (skip the index ops)
-    prefills: list[PrefillSpan] = field(default_factory=list)
+    prefills: list[PrefillBatch] = field(default_factory=list)  # prefilling sequences, batched
 
 
 def visible_keys(
@@ -60,21 +72,44 @@ def visible_keys(
 def window_metadata(
     meta: AttentionMetadata, positions: torch.Tensor, sliding_window: int | None
 ) -> AttentionMetadata:
-    """The step's metadata with its decode mask rebuilt for layers of one window width.
+    """The step's metadata with its masks built for layers of one window width.
 
-    The model runner builds one decode mask for the model's ``sliding_window``; a model whose layers
-    differ (Gemma: sliding and global layers) builds one per kind with this, once per step.
+    The model runner builds them for the model's ``sliding_window``; a model whose layers differ
+    (Gemma: sliding and global layers) builds one set per kind with this, once per step.
 
     Args:
         meta: the step's metadata.
         positions: (tokens,) absolute positions of the step's tokens.
         sliding_window: the layers' window width, None for global attention.
     """
-    if meta.decode_mask is None or meta.decode_token_idx is None:
-        return meta
-    query_pos = positions[meta.decode_token_idx]  # (B,)
-    mask = visible_keys(query_pos, meta.decode_mask.shape[-1], sliding_window)
-    return dataclasses.replace(meta, decode_mask=mask[:, None, None, :])  # (B, 1, 1, keys)
+    decode_bias = None
+    if meta.decode_token_idx is not None:
+        query_pos = positions[meta.decode_token_idx]  # (B,)
+        visible = visible_keys(query_pos, meta.decode_num_keys, sliding_window)  # (B, keys)
+        zeros = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+        decode_bias = zeros.masked_fill(~visible, float("-inf")).unsqueeze(1)  # (B, 1, keys)
+    prefills = [
+        dataclasses.replace(b, mask=_prefill_mask(b, positions, sliding_window))
+        for b in meta.prefills
+    ]
+    return dataclasses.replace(meta, decode_bias=decode_bias, prefills=prefills)
+
+
+def _prefill_mask(
+    batch: PrefillBatch, positions: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor | None:
+    """(S, 1, max_n, keys) mask of one prefill batch; None when SDPA's causal mode is it."""
+    spans, max_n = batch.token_idx.shape
+    # Fresh spans need no mask unless a window cuts in: in SDPA's causal mode a real query never
+    # sees the padding after its span's last token.
+    if not batch.from_cache and (sliding_window is None or max_n <= sliding_window):
+        return None
+    if batch.from_cache:
+        query_pos = positions[batch.token_idx]  # (S, max_n)
+    else:  # keys are the spans' own tokens, from position 0
+        query_pos = torch.arange(max_n, device=positions.device).expand(spans, max_n)
+    mask = visible_keys(query_pos.reshape(-1), batch.num_keys, sliding_window)
+    return mask.view(spans, 1, max_n, batch.num_keys)
 
 
 class PagedAttention(nn.Module):
@@ -82,7 +117,8 @@ class PagedAttention(nn.Module):
 
     Args:
         num_heads, num_kv_heads, head_dim: this rank's query and KV heads and their width.
-        sliding_window: a key is visible only to the next ``sliding_window`` positions.
+        sliding_window: a key is visible only to the next ``sliding_window`` positions (the
+            masks of the step's metadata apply it).
         scale: score scale (default ``head_dim ** -0.5``).
         softcap: scores become ``softcap * tanh(score / softcap)`` before the mask (Gemma 2);
             SDPA cannot do that, so these layers compute the softmax themselves.
@@ -102,27 +138,94 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5 if scale is None else scale
         self.softcap = softcap
         self.sliding_window = sliding_window
-        self.kv_cache = torch.empty(0, 1, 2, num_kv_heads, head_dim)
+        self.kv_cache = torch.empty(2, num_kv_heads, 0, 1, head_dim)
+
+    @staticmethod
+    def cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's cache: (2, kv_heads, num_blocks, block_size, head_dim)."""
+        return (2, num_kv_heads, num_blocks, block_size, head_dim)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in this layer's cache."""
+        return self.kv_cache.shape[2]
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (tokens, heads, d), kv (tokens, 2, kv_heads, d) -> (tokens, heads * d)."""
-        self.kv_cache.view(-1, 2, self.num_kv_heads, self.head_dim).index_copy_(
-            0, meta.slot_mapping, kv
-        )
+        slots = self.kv_cache.view(2, self.num_kv_heads, -1, self.head_dim)  # (2, kv, slots, d)
+        slots.index_copy_(2, meta.slot_mapping, kv.permute(1, 2, 0, 3))
         if meta.all_decode:
             return self._decode(q, meta).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], meta)
-        for span in meta.prefills:
-            sl = slice(span.token_start, span.token_start + span.num_tokens)
-            out[sl] = self._prefill(q[sl], kv[sl], span)
+        for batch in meta.prefills:
+            out[batch.token_flat] = self._prefill(q, kv, batch)
         return out.reshape(q.shape[0], -1)
+
+    def gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the blocks of ``block_tables`` (S, blocks), one copy of them.
+
+        Returns:
+            k, v: each (kv_heads, S, blocks * block_size, d), contiguous.
+        """
+        _, kv_heads, num_blocks, block_size, d = self.kv_cache.shape
+        rows = self.kv_cache.view(-1, block_size * d)  # (2 * kv * num_blocks, bs * d)
+        first = torch.arange(2 * kv_heads, device=rows.device) * num_blocks  # (2 * kv,)
+        index = (first.unsqueeze(1) + block_tables.reshape(1, -1)).reshape(-1)
+        spans = block_tables.shape[0]
+        # A row lookup: embedding's kernel copies these rows 4x faster than index_select's on CPU
+        # (measured: 0.19 against 0.73 ms for 32 sequences of 128 tokens, 4 KV heads of 32).
+        both = F.embedding(index, rows).view(2, kv_heads, spans, -1, d)  # (2, kv, S, L, d)
+        return both[0], both[1]
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q (B, heads, d) -> (B, heads, d), one new token per sequence, against its blocks.
+
+        Two matmuls batched over (kv_heads, B), each KV head's query group its rows: on CPU they
+        are 1.2-1.5x faster than SDPA over the same keys (its flash kernel is tuned for long
+        queries, not one token), and they take the soft cap as they are.
+        """
+        assert meta.decode_block_tables is not None and meta.decode_bias is not None
+        batch = q.shape[0]
+        k, v = self.gather(meta.decode_block_tables)  # (kv, B, L, d)
+        group = self.num_heads // self.num_kv_heads
+        qg = q.view(batch, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # (kv,B,g,d)
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32:  # see _sdpa
+            qg, k, v = qg.float(), k.float(), v.float()
+        scores = torch.matmul(qg * self.scale, k.transpose(-1, -2))  # (kv, B, g, L)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        probs = (scores + meta.decode_bias).softmax(dim=-1, dtype=torch.float32)  # (kv, B, g, L)
+        out = torch.matmul(probs.to(v.dtype), v)  # (kv, B, g, d)
+        return out.transpose(0, 1).reshape(batch, self.num_heads, self.head_dim).to(dtype)
+
+    def _prefill(self, q: torch.Tensor, kv: torch.Tensor, batch: PrefillBatch) -> torch.Tensor:
+        """One batch of prefilling spans in one call: q (tokens, heads, d) and kv (tokens, 2,
+        kv_heads, d) of the step -> (P, heads, d) for its P tokens, in ``token_flat`` order."""
+        spans, max_n = batch.token_idx.shape
+        qs = q[batch.token_idx].transpose(1, 2)  # (S, heads, max_n, d)
+        if batch.from_cache:  # keys include cached context: read them from the cache
+            assert batch.block_tables is not None
+            k, v = self.gather(batch.block_tables)  # (kv, S, blocks * bs, d)
+            keys = batch.num_keys
+            k, v = k[:, :, :keys].transpose(0, 1), v[:, :, :keys].transpose(0, 1)  # (S,kv,L,d)
+        else:  # keys are the spans' own new tokens
+            kvs = kv[batch.token_idx]  # (S, max_n, 2, kv, d)
+            k, v = kvs[:, :, 0].transpose(1, 2), kvs[:, :, 1].transpose(1, 2)  # (S, kv, n, d)
+        out = self._sdpa(qs, k, v, batch.mask)  # (S, heads, max_n, d)
+        flat = out.transpose(1, 2).reshape(spans * max_n, self.num_heads, self.head_dim)
+        if flat.shape[0] == batch.rows.shape[0]:  # no padding
+            return flat
+        return flat[batch.rows]
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """SDPA of q (B, heads, n, d) over k, v (B, kv_heads, keys, d); grouped heads share a KV
+        """SDPA of q (S, heads, n, d) over k, v (S, kv_heads, keys, d); grouped heads share a KV
         head. On CPU it runs in float32: its half-precision kernels are 3-9x slower than the
         upcast plus the float32 kernel (measured: 7.8 ms against 0.9 ms for a 32-sequence fp16
         decode layer)."""
@@ -150,40 +253,11 @@ class PagedAttention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # query head i reads KV head i // group, as SDPA's enable_gqa does
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, n, keys)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (S, heads, n, keys)
         scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is None:  # causal, queries and keys the same positions
             n = q.shape[-2]
             mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v)  # (B, heads, n, d)
-
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q (B, heads, d) -> (B, heads, d), one new token per sequence, against its cache."""
-        tables = meta.decode_block_tables  # (B, max_blocks)
-        batch = tables.shape[0]
-        kv = self.kv_cache.index_select(0, tables.reshape(-1))  # (B * max_blocks, bs, 2, kv, d)
-        kv = kv.view(batch, -1, 2, self.num_kv_heads, self.head_dim)  # (B, L, 2, kv, d)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, kv, L, d) views
-        return self._sdpa(q.unsqueeze(2), k, v, meta.decode_mask).squeeze(2)
-
-    def _prefill(self, q: torch.Tensor, kv: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
-        """One sequence: q (n, heads, d) and its chunk's kv (n, 2, kv_heads, d) -> (n, heads, d)."""
-        n = span.num_tokens
-        window = self.sliding_window
-        mask = None
-        if span.start_pos > 0 or (window is not None and n > window):
-            # Part of the sequence is cached already (or the window cuts in): attend to the cache.
-            ctx = span.start_pos + n
-            cached = self.kv_cache.index_select(0, span.block_table)
-            kv = cached.view(-1, 2, self.num_kv_heads, self.head_dim)[:ctx]
-            positions = torch.arange(span.start_pos, ctx, device=q.device)
-            mask = visible_keys(positions, ctx, window)
-        out = self._sdpa(
-            q.transpose(0, 1).unsqueeze(0),  # (1, heads, n, d)
-            kv[:, 0].transpose(0, 1).unsqueeze(0),  # (1, kv_heads, keys, d)
-            kv[:, 1].transpose(0, 1).unsqueeze(0),
-            mask,
-        )
-        return out.squeeze(0).transpose(0, 1)
+        return torch.matmul(probs, v)  # (S, heads, n, d)
