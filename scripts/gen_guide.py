@@ -58,7 +58,7 @@ def _row(label: str, p: Plan, price: str = "") -> str:
 
 
 def one_versus_two() -> str:
-    """Llama 3.3 70B at q4_k_m on one large card or two smaller ones."""
+    """Llama 3.3 70B at int4 on one large card or two smaller ones."""
     header = (
         "| GPUs | fits at 4K context | layout | decode tok/s (range) | prefill tok/s | PSU "
         "| launch price of the GPUs |\n|---|---|---|---:|---:|---:|---:|"
@@ -71,7 +71,7 @@ def one_versus_two() -> str:
         ("2x RTX 4090", "$3,198"),
         ("2x RTX 5090", "$3,998"),
     ):
-        result = plan("Llama-3.3-70B", gpus, quantization="q4_k_m", context=4096)
+        result = plan("Llama-3.3-70B", gpus, quantization="int4", context=4096)
         rows.append(_row(gpus, result, price))
     return "\n".join([header, *rows])
 
@@ -81,8 +81,8 @@ def links() -> str:
     header = "| GPUs | link | decode tok/s | TP scaling efficiency |\n|---|---|---:|---:|"
     rows = []
     for gpus, model, quant, link in (
-        ("2x RTX 3090", "Llama-3.3-70B", "q4_k_m", "pcie4"),
-        ("2x RTX 3090", "Llama-3.3-70B", "q4_k_m", "nvlink"),
+        ("2x RTX 3090", "Llama-3.3-70B", "int4", "pcie4"),
+        ("2x RTX 3090", "Llama-3.3-70B", "int4", "nvlink"),
         ("4x A100 80GB PCIe", "Llama-3.3-70B", "bf16", "pcie4"),
         ("4x A100 80GB SXM", "Llama-3.3-70B", "bf16", "nvlink"),
         ("8x A100 80GB PCIe", "Llama-3.3-70B", "bf16", "pcie4"),
@@ -169,8 +169,10 @@ weight) its weights alone are about 40 GiB:
 """,
         run('--model Llama-3.3-70B --quantization q4_k_m --gpus "1x RTX 4090"'),
         """
-It does not fit, and the plan says what would: two 24 GB cards, or one 48 GB card. Exit status 3
-means "does not fit", so scripts can branch on it.
+It does not fit, and the plan says what would. Exit status 3 means "does not fit", so scripts can
+branch on it. The plan counts the weights as mgpu's engine holds them once loaded: a Q4_K_M file's
+blocks become int4 groups of 32 and int8 rows, about 5.5 bits per weight, where llama.cpp runs
+the file's 4.84 as stored.
 
 ## 2. Two 24 GB cards
 
@@ -180,8 +182,13 @@ catalogue), and the plan names the tag it resolves to:
 """,
         run("--model llama3.3:70b --gpus 2x4090"),
         """
-Read it top to bottom: each GPU holds half of every layer (tensor parallel), about 22 GiB of its
-24 GiB; the KV cache for 4,096 tokens is small next to the weights; tensor parallelism over PCIe
+With mgpu's engine that file misses two 24 GB cards by a little, and the plan names the format
+that fits: int4 quantized from the Hugging Face checkpoint while loading (4.25 bits per weight):
+""",
+        run("--model Llama-3.3-70B --quantization int4 --gpus 2x4090"),
+        """
+Read it top to bottom: each GPU holds half of every layer (tensor parallel), most of its 24 GiB;
+the KV cache for 4,096 tokens is small next to the weights; tensor parallelism over PCIe
 costs some speed in all-reduces but still beats splitting the layers, where the two GPUs take
 turns. `--plot memory.png` draws the same breakdown as a picture, and `--json` gives it to scripts
 (the contract is in planner.md).
@@ -198,7 +205,7 @@ constants of the measured engines for the same weight format; their plans say so
 
 ## 4. One large card or two smaller ones?
 
-Same model, same context, different hardware:
+Same model at int4, same context, different hardware:
 """,
         one_versus_two(),
         """
@@ -207,7 +214,7 @@ read their halves in parallel at 936-1,792 GB/s each and finish sooner, at the c
 more heat, and a split to manage. The buyer's view, with cloud prices (each cited in
 `src/mgpu/planner/data/cloud_prices.json`):
 """,
-        run("--model Llama-3.3-70B --quantization q4_k_m --recommend --budget 5000"),
+        run("--model Llama-3.3-70B --quantization int4 --recommend --budget 5000"),
         """
 ## 5. PCIe or NVLink?
 

@@ -25,13 +25,26 @@ from mgpu.planner.train import plan_lora
 # --- the cases everyone asks about -------------------------------------------------------------
 
 
-def test_llama_33_70b_q4_fits_two_4090s_at_4k_but_not_one() -> None:
-    two = plan("Llama-3.3-70B", "2x RTX 4090", quantization="q4_k_m", context=4096)
-    one = plan("Llama-3.3-70B", "1x RTX 4090", quantization="q4_k_m", context=4096)
+@pytest.mark.parametrize(("quantization", "engine"), [("int4", "mgpu"), ("q4_k_m", "llama.cpp")])
+def test_llama_33_70b_q4_fits_two_4090s_at_4k_but_not_one(quantization: str, engine: str) -> None:
+    kwargs = {"quantization": quantization, "context": 4096, "engine": engine}
+    two = plan("Llama-3.3-70B", "2x RTX 4090", **kwargs)
+    one = plan("Llama-3.3-70B", "1x RTX 4090", **kwargs)
     assert two.fits and len([d for d in two.devices if d.used]) == 2
     assert two.strategy in STRATEGIES and two.strategy != "single"
     assert not one.fits
     assert one.minimum_fit is not None and one.minimum_fit.startswith("2x GeForce RTX 4090")
+
+
+def test_mgpu_counts_a_gguf_file_at_the_bits_it_stores() -> None:
+    """mgpu converts Q4_K blocks to int4 groups of 32 and Q6_K to int8 rows (about 5.5 bits for
+    a Q4_K_M file against the file's 4.84), so 70B Q4_K_M misses two 24 GB cards with mgpu while
+    llama.cpp fits; the plan says so and names the format that fits."""
+    mgpu = plan("Llama-3.3-70B", "2x RTX 4090", quantization="q4_k_m", context=4096)
+    llama = plan("Llama-3.3-70B", "2x RTX 4090", quantization="q4_k_m", engine="llama.cpp")
+    assert not mgpu.fits and llama.fits
+    assert mgpu.bits_per_weight > llama.bits_per_weight + 0.5
+    assert any("--quantization int4" in reason for reason in mgpu.reasons)
 
 
 def test_llama_33_70b_q4_fits_one_a100_80gb() -> None:
@@ -65,7 +78,8 @@ def test_plan_memory_comes_from_mgpu_memory() -> None:
         start, end = device.layers
         expected_kv = kv_bytes_per_token(config, end - start, 1, 2)
         assert device.kv_bytes_per_token == expected_kv
-        weights = weight_bytes_per_rank(config, 4.84, 1, (start, end), start == 0, end == 80)
+        bits = result.bits_per_weight  # what mgpu stores of the q4_k_m file
+        weights = weight_bytes_per_rank(config, bits, 1, (start, end), start == 0, end == 80)
         assert device.weights_gb * GIB == pytest.approx(weights)
         assert device.kv_cache_gb * GIB == pytest.approx(expected_kv * 4096)
 
@@ -497,7 +511,7 @@ def test_every_engine_plans(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_json_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--model", "llama3.3:70b-instruct-q4_K_M", "--gpus", "2x4090", "--json"])
+    code = main(["--model", "llama3.3:70b-instruct-q4_K_M", "--gpus", "2x5090", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
     assert main(["--model", "Llama-3.3-70B", "--gpus", "4090", "--json"]) == EXIT_DOES_NOT_FIT
@@ -532,7 +546,7 @@ def test_plot_writes_a_png(tmp_path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_recommend_ranks_options_with_prices_and_tradeoffs() -> None:
-    rec = recommend("Llama-3.3-70B", quantization="q4_k_m", budget_usd=5000)
+    rec = recommend("Llama-3.3-70B", quantization="int4", budget_usd=5000)
     data = rec.to_dict()
     bought = [o for o in data["options"] if o["kind"] == "buy"]
     rented = [o for o in data["options"] if o["kind"] == "rent"]

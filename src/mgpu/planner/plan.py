@@ -576,8 +576,14 @@ def plan(
                 "which needs a different file."
             )
     engine_profile = get_engine(engine)
-    if engine_profile.name == "mgpu" and fmt.family in ("int8", "int4"):
-        bits = stored_bits_per_weight(fmt.name, bits, spec.config.hidden_size)  # as mgpu stores
+    stored = _engine_bits(engine_profile, fmt, bits, spec.config.hidden_size)
+    if fmt.family == "gguf" and stored > bits + 0.01:
+        notes.append(
+            f"mgpu stores {fmt.name} at {stored:.2f} bits per weight once loaded (its blocks "
+            f"become int4 groups of 32 and int8 rows), not the file's {bits:.2f}; "
+            "--quantization int4 from the Hugging Face checkpoint stores 4.25."
+        )
+    bits = stored
     link = make_interconnect(interconnect, devices)
     calibration = calibration or load_calibration()
     ctx = _Context(
@@ -952,16 +958,29 @@ def _link_note(ctx: _Context, chosen: Candidate) -> str:
     return text + "."
 
 
+def _engine_bits(engine: EngineProfile, fmt: QuantFormat, bits: float, hidden: int) -> float:
+    """Bits per weight ``engine`` holds of weights in ``fmt`` (``bits`` as stored in the files).
+
+    mgpu converts GGUF blocks to its int4/int8 kernels' layouts (``layers.quantization.gguf``)
+    and keeps its own scales, which cost more bits than the file's; other engines run the format
+    as stored.
+    """
+    if engine.name == "mgpu" and fmt.family in ("int8", "int4", "gguf"):
+        return stored_bits_per_weight(fmt.name, bits, hidden)
+    return bits
+
+
 def _lighter_precision(ctx: _Context, devices: list[Device]) -> str | None:
     """The highest precision below the planned one that would fit the listed GPUs."""
     for name in _FALLBACK_PRECISIONS:
         fmt = parse_quantization(name)
-        if fmt.bits_per_weight >= ctx.bits or fmt.family not in ctx.engine.families:
+        bits = _engine_bits(ctx.engine, fmt, fmt.bits_per_weight, ctx.model.config.hidden_size)
+        if bits >= ctx.bits or fmt.family not in ctx.engine.families:
             continue
         lighter = _Context(
             ctx.model,
             fmt,
-            fmt.bits_per_weight,
+            bits,
             ctx.engine,
             ctx.link,
             ctx.workload,
@@ -970,8 +989,5 @@ def _lighter_precision(ctx: _Context, devices: list[Device]) -> str | None:
         )
         layouts = _layouts(lighter, devices, "auto", None, None)
         if any(_evaluate(lighter, layout).fits for layout in layouts):
-            return (
-                f"At --quantization {fmt.name} ({fmt.bits_per_weight:g} bits/weight) it would fit "
-                "these GPUs."
-            )
+            return f"At --quantization {fmt.name} ({bits:.2f} bits/weight) it would fit these GPUs."
     return None
