@@ -81,6 +81,10 @@ def rank_weights(
     attn = h * q_local * d + 2 * h * kv_local * d + q_local * d * h
     mlp = 3 * h * inter_local * experts + (h * model.num_local_experts)
     layer_vectors = 2 * h
+    if model.architecture.startswith(("Gemma2", "Gemma3")):
+        layer_vectors += 2 * h  # pre- and post-feedforward norms around the MLP
+    if model.architecture.startswith(("Qwen3", "Gemma3")):
+        layer_vectors += 2 * d  # q_norm and k_norm, one head_dim vector each
     if model.attention_bias:
         layer_vectors += (q_local + 2 * kv_local) * d
     matrices = n_layers * (attn + mlp)

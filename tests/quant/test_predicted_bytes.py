@@ -186,3 +186,27 @@ def test_mgpu_plans_count_int4_as_mgpu_stores_it() -> None:
     assert mine.bits_per_weight == pytest.approx(4.25)
     assert theirs.bits_per_weight == pytest.approx(4.156)
     assert mine.devices[0].weights_gb > theirs.devices[0].weights_gb
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3"])
+def test_float_predictions_are_exact_for_each_family(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, arch: str
+) -> None:
+    """Unquantized, the prediction is the loaded bytes to the byte at TP=2, the families' extra
+    norms included (Gemma's sandwich norms, Qwen3's and Gemma 3's q/k norms)."""
+    shape = {k: v for k, v in SHAPE.items() if k != "num_hidden_layers"}  # the family's own count
+    path = make_model(tmp_path / arch, arch, **shape)
+    plan = resolve_engine(
+        str(path),
+        device="cpu",
+        dtype="float32",
+        quantization=None,
+        tensor_parallel_size=2,
+        pipeline_parallel_size=1,
+        layer_split=None,
+        placement="auto",
+        device_memory=None,
+        enable_expert_parallel=False,
+    )
+    predicted = [int(row["predicted_param_bytes"]) for row in planned_ranks(plan)]  # type: ignore[call-overload]
+    assert predicted == _measured(monkeypatch, path, None, plan)
