@@ -555,8 +555,8 @@ class EngineArgs:
     )
     max_steps_in_flight: int | None = _arg(
         None,
-        "steps outstanding at once (default: the pipeline stages, so every stage works; "
-        "1: one step at a time)",
+        "steps outstanding at once (default: the pipeline stages, so every stage works, but 1 "
+        "on CPU when no core is left beyond the ranks; 1: one step at a time)",
     )
     nnodes: int = _arg(1, "machines the ranks are spread over (torchrun's name)", group="nodes")
     node_rank: int = _arg(0, "this machine's index; 0 serves and schedules", group="nodes")

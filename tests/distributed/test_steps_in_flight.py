@@ -47,6 +47,7 @@ def test_concurrent_sequences_match_transformers(reference, tp: int, pp: int) ->
         device="cpu",
         dtype="float32",
         num_blocks=64,
+        max_steps_in_flight=pp,  # explicit: on a machine without a spare core the default is 1
     ) as llm:
         engine = llm.engine
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -145,8 +146,9 @@ class LLMEngine:
         enable_prefix_caching: share the KV blocks of equal prompt prefixes between requests.
         tokenizer: tokenizer directory or hub id (default: the model's).
         chat_template: a Jinja chat template, or a file holding one (default: the tokenizer's).
-        max_steps_in_flight: micro-batches outstanding at once (default: one per pipeline stage;
-            1 runs one step at a time, for comparison).
+        max_steps_in_flight: micro-batches outstanding at once (default: one per pipeline stage,
+            but one on CPU when the machine has no core beyond the ranks; 1 runs one step at a
+            time).
         nnodes: machines the ranks are spread over; node 0 (this process) hosts the rendezvous.
         master_addr: node 0's address, as the other nodes reach it.
         master_port: the rendezvous port (0: any free one, single node only).
@@ -221,9 +223,7 @@ class LLMEngine:
             from mgpu.models.gguf import gguf_tokenizer
         else:
             safetensors_files(self.model_path)  # a directory without usable weights fails here
-        self.max_steps_in_flight = (
-            max_steps_in_flight or self.parallel_config.pipeline_parallel_size
-        )
+        self.max_steps_in_flight = max_steps_in_flight or self._default_steps_in_flight()
         if self.max_steps_in_flight < 1:
             raise ConfigError(f"--max-steps-in-flight must be >= 1, got {max_steps_in_flight}")
         if self.device == "cuda":
@@ -353,6 +353,16 @@ class LLMEngine:
         """The directory of the adapter served as ``name``."""
         assert self.lora_config is not None
         return self.lora_config.modules[self.lora_names[name] - 1].path
+
+    def _default_steps_in_flight(self) -> int:
+        """One micro-batch per pipeline stage, except on CPU without a core to spare for this
+        process: there its host work takes turns with a stage and halved micro-batches double
+        the per-step overhead, and one step at a time was faster (benchmarks/pipeline_overlap.py:
+        0.57x and 0.78x with two in flight at PP=2 on 2 cores in two runs, docs/benchmarks.md)."""
+        pp = self.parallel_config.pipeline_parallel_size
+        if self.device == "cpu" and len(os.sched_getaffinity(0)) <= self.parallel_config.world_size:
+            return 1
+        return pp
 
     def _tp_collective_bytes(self) -> int:
         """Bytes of the largest TP collective of a step: a (tokens, hidden) all-reduce or the
