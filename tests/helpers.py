@@ -197,3 +197,23 @@ def hf_greedy(model: Any, ids: list[int], new_tokens: int = 32) -> list[int]:
             pad_token_id=0,
         )
     return out[0, len(ids) :].tolist()
+
+
+def greedy_continuations(model: Any, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` by a transformers (or peft) model of the demo model's
+    tokenizer: exactly ``max_tokens`` tokens each, EOS generated like any token, not stopping."""
+    from transformers import AutoTokenizer
+
+    from mgpu.models.loader import demo_model_path
+
+    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids  # (1, prompt_len)
+        with torch.no_grad():
+            gen = model.generate(
+                ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None
+            )  # (1, prompt_len + max_tokens)
+        out.append(gen[0, ids.shape[1] :].tolist())
+    return out

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mgpu.models.loader import demo_model_path
+from tests.helpers import greedy_continuations
 
 PROMPTS = ["The cat sat on", "Tensor parallelism splits", "She wrote the answer"]
 MAX_TOKENS = 10
@@ -53,17 +54,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def greedy(model: torch.nn.Module) -> list[list[int]]:
     """Greedy continuations of :data:`PROMPTS` by a transformers (or peft) model."""
-    tok = AutoTokenizer.from_pretrained(demo_model_path())
-    model.eval()
-    out = []
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids  # (1, prompt_len)
-        with torch.no_grad():
-            gen = model.generate(
-                ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None
-            )  # (1, prompt_len + MAX_TOKENS)
-        out.append(gen[0, ids.shape[1] :].tolist())
-    return out
+    return greedy_continuations(model, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="session")

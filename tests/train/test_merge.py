@@ -8,12 +8,13 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mgpu import LLM, SamplingParams
 from mgpu.cli import main as mgpu_main
 from mgpu.models.loader import demo_model_path
 from mgpu.train.trainer import train
+from tests.helpers import greedy_continuations
 from tests.train.conftest import records, write_jsonl
 from tests.train.test_train import quick
 
@@ -36,17 +37,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def greedy(model: torch.nn.Module) -> list[list[int]]:
     """Greedy continuations of :data:`PROMPTS` by a transformers (or peft) model."""
-    tok = AutoTokenizer.from_pretrained(demo_model_path())
-    model.eval()
-    out = []
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids  # (1, prompt_len)
-        with torch.no_grad():
-            gen = model.generate(
-                ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None
-            )  # (1, prompt_len + MAX_TOKENS)
-        out.append(gen[0, ids.shape[1] :].tolist())
-    return out
+    return greedy_continuations(model, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

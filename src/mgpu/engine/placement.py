@@ -55,6 +55,13 @@ def parse_memory(text: str | float | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _per_device(value: str | float | list | tuple) -> list:
+    """One entry per device from ``"a,b"``, a list or tuple, or a single value."""
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def parse_device_memory(value: str | float | list | tuple | None) -> tuple[int, ...] | None:
     """Per-device budgets in bytes from ``"24GiB,12GiB"``, a list, or one number (GiB).
 
@@ -63,11 +70,7 @@ def parse_device_memory(value: str | float | list | tuple | None) -> tuple[int, 
     """
     if value is None:
         return None
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, list | tuple):
-        value = [value]
-    return tuple(parse_memory(v) for v in value)
+    return tuple(parse_memory(v) for v in _per_device(value))
 
 
 def parse_device_speed(value: str | float | list | tuple | None) -> tuple[float, ...] | None:
@@ -78,12 +81,8 @@ def parse_device_speed(value: str | float | list | tuple | None) -> tuple[float,
     """
     if value is None:
         return None
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, list | tuple):
-        value = [value]
     try:
-        speeds = tuple(float(v) for v in value)
+        speeds = tuple(float(v) for v in _per_device(value))
     except ValueError:
         raise ConfigError(f"--device-speed takes numbers like 2,1, got {value!r}") from None
     if any(v <= 0 for v in speeds):
