@@ -259,6 +259,28 @@ def test_monitor_once_json(server: ServerProcess) -> None:
     assert set(snap["requests"]) == {"running", "waiting"}
 
 
+def _drain_until_exit(pid: int, fd: int, timeout_s: float) -> int:
+    """Wait for the child on the pseudo-terminal ``fd`` to exit, reading what it still writes: a
+    terminal is always read, and a view that restores the screen on exit would otherwise block on
+    a full pty buffer. Returns its wait status; a child still running after ``timeout_s`` is
+    killed and the test fails."""
+    import select
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                os.read(fd, 65536)
+            except OSError:  # the child closed the terminal: it is exiting
+                return os.waitpid(pid, 0)[1]
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"mgpu monitor did not exit within {timeout_s} s of Ctrl-C")
+
+
 def test_monitor_live_view_in_a_terminal(server: ServerProcess) -> None:
     """The live view, run in a pseudo-terminal until its first frame, then interrupted."""
     import pty
@@ -278,7 +300,7 @@ def test_monitor_live_view_in_a_terminal(server: ServerProcess) -> None:
                 break
     finally:
         os.kill(pid, 2)  # Ctrl-C: the view exits cleanly
-        _, status = os.waitpid(pid, 0)
+        status = _drain_until_exit(pid, fd, timeout_s=30)
         os.close(fd)
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", output.decode(errors="replace"))
     assert "mgpu monitor" in text and "imbalance" in text
