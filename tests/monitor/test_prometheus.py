@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -276,7 +277,7 @@ def _drain_until_exit(pid: int, fd: int, timeout_s: float) -> int:
                 os.read(fd, 65536)
             except OSError:  # the child closed the terminal: it is exiting
                 return os.waitpid(pid, 0)[1]
-    os.kill(pid, 9)
+    os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     raise AssertionError(f"mgpu monitor did not exit within {timeout_s} s of Ctrl-C")
 
@@ -287,6 +288,10 @@ def test_monitor_live_view_in_a_terminal(server: ServerProcess) -> None:
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: the real command, in the terminal
+        # Ctrl-C as a shell gives it: whatever this test process set for SIGINT (ignored, or
+        # blocked in the forking thread) would otherwise carry over through exec.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.environ.update(COLUMNS="120", LINES="30", TERM="xterm")
         os.execv(sys.executable, [sys.executable, "-m", "mgpu", "monitor", "--url", server.url])
     output = b""
@@ -299,7 +304,7 @@ def test_monitor_live_view_in_a_terminal(server: ServerProcess) -> None:
             except OSError:
                 break
     finally:
-        os.kill(pid, 2)  # Ctrl-C: the view exits cleanly
+        os.kill(pid, signal.SIGINT)  # Ctrl-C: the view exits cleanly
         status = _drain_until_exit(pid, fd, timeout_s=30)
         os.close(fd)
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", output.decode(errors="replace"))
