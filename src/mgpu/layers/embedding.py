@@ -18,6 +18,7 @@ from torch import nn
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce, tp_gather_last_dim
 from mgpu.layers.linear import LazyTensor, _copy, check_shape
+from mgpu.layers.matmul import dense_linear
 from mgpu.memory import padded_vocab_size
 
 
@@ -59,7 +60,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """(tokens, hidden) -> (tokens, vocab) float32 logits on TP rank 0, None on other ranks."""
-        local = F.linear(hidden, self.weight)  # (tokens, vocab / tp)
+        local = dense_linear(hidden, self.weight)  # (tokens, vocab / tp)
         full = tp_gather_last_dim(local)
         if full is None:
             return None

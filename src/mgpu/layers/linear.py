@@ -34,6 +34,7 @@ from torch import nn
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce
 from mgpu.errors import ModelLoadError
+from mgpu.layers.matmul import dense_linear
 from mgpu.layers.quantization.base import (
     LinearMethodBase,
     QuantizationConfig,
@@ -118,7 +119,8 @@ def _param(shape: tuple[int, ...], loader: object) -> nn.Parameter:
 
 
 class UnquantizedLinearMethod(LinearMethodBase):
-    """Weights kept in the model dtype; ``F.linear``. The default of every parallel linear."""
+    """Weights kept in the model dtype; :func:`~mgpu.layers.matmul.dense_linear`. The default of
+    every parallel linear."""
 
     def create_weights(self, layer: LinearBase) -> None:
         """A float ``(local out, local in)`` weight."""
@@ -134,8 +136,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply(
         self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``F.linear`` on the float shard."""
-        return F.linear(x, layer.weight, bias)
+        """The float shard's product (``F.linear``; float16 on CPU see ``dense_linear``)."""
+        return dense_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):

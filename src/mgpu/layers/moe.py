@@ -35,13 +35,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce
 from mgpu.errors import ModelLoadError
 from mgpu.layers.linear import LazyTensor, _copy, check_shape, load_replicated
+from mgpu.layers.matmul import dense_linear
 from mgpu.layers.quantization.base import current_quant_config
 from mgpu.layers.quantization.method import WeightOnlyConfig, part_to_device
 from mgpu.layers.quantization.weights import PackedWeight, concat_rows
@@ -191,7 +191,7 @@ class ExpertWeights(nn.Module):
     def _expert_matmuls(self, local: int, x: torch.Tensor, act: Callable) -> torch.Tensor:
         """(n, hidden) -> (n, hidden) through local expert ``local``'s gate/up and down."""
         if self.quant is None:
-            return F.linear(act(F.linear(x, self.w13[local])), self.w2[local])
+            return dense_linear(act(dense_linear(x, self.w13[local])), self.w2[local])
         use_kernel = self.quant.use_kernel
         h = act(self.packed_w13[local].matmul(x, use_kernel))  # (n, local inter)
         return self.packed_w2[local].matmul(h, use_kernel)
@@ -285,4 +285,4 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(T, hidden) -> (T, experts) router logits."""
-        return F.linear(x, self.weight)
+        return dense_linear(x, self.weight)
