@@ -5,28 +5,33 @@ clients best, and how close does each get to the memory-bandwidth limit? Per mod
 
 - **mgpu**: ``python -m mgpu.serve`` with the settings a user gets without flags (plus
   ``--mgpu-flags``), loaded through HTTP by ``mgpu bench``'s own client.
-- **llama.cpp**: ``llama_cpp.server`` (llama-cpp-python) on a GGUF written from the same random HF
-  weights (``tests/quant/gguf_files.py``, llama.cpp's converter layout), F32 or F16, with the same
-  thread count, loaded by the same client. Its server runs one request at a time (llama-cpp-python
-  has no parallel slots), so its 8- and 32-client rows show a queue.
+- **llama.cpp**: llama.cpp's own ``llama-server`` (``--llama-server``: one slot per client of the
+  largest level, continuous batching), or else llama-cpp-python's ``llama_cpp.server``
+  (``--llama-python``, which serves one request at a time, so its 8- and 32-client rows show a
+  queue), on a GGUF written from the same random HF weights (``tests/quant/gguf_files.py``,
+  llama.cpp's converter layout), F32 or F16, with the same thread count, loaded by the same client.
 - **transformers**: ``generate()`` in this process, static batches of 8 and 32 prompts (left
   padded), its TTFT the time of a one-token ``generate()`` of the batch.
 
-Single-stream decode tokens/s is 1 / mean time per output token after the first (HTTP engines)
-or (time of 1 + n tokens - time of 1) / n (transformers); its fraction of the bandwidth limit is
+Single-stream decode tokens/s is n / (time of 1 + n tokens - time of 1), whole requests (HTTP
+engines) or ``generate()`` calls (transformers); its fraction of the bandwidth limit is
 weight bytes x tokens/s over this machine's measured read bandwidth. Greedy, every token asked
 for: mgpu and transformers ignore EOS, and llama.cpp's requests, which have no ``ignore_eos``,
 ban the EOS tokens with ``logit_bias``.
 
-Setup of the llama.cpp side (once; it builds llama.cpp from source, minutes)::
+Setup of the llama.cpp side (once; it builds llama.cpp from source, minutes). ``llama-server``
+from the llama.cpp sources vendored in llama-cpp-python's source distribution (PyPI only, no git)::
+
+    scripts/build_llama_server.sh        # prints the binary's path last
+
+or llama-cpp-python's server in a venv::
 
     python -m venv /work/llamavenv
     /work/llamavenv/bin/pip install 'llama-cpp-python[server]'
 
-Run: ``python benchmarks/peers.py --llama-python /work/llamavenv/bin/python`` (writes the
-peers_cpu section of docs/benchmarks.md and docs/img/peers.png). Without ``--llama-python``, or
-when that interpreter cannot import ``llama_cpp.server``, the llama.cpp rows say why they are
-missing.
+Run: ``python benchmarks/peers.py --llama-server "$(scripts/build_llama_server.sh | tail -1)"``
+(writes the peers_cpu section of docs/benchmarks.md and docs/img/peers.png). Without
+``--llama-server`` or ``--llama-python``, or when neither can run, the llama.cpp rows say why.
 """
 
 from __future__ import annotations
@@ -104,10 +109,16 @@ def start_mgpu(model: Path, dtype: str, flags: list[str]) -> tuple[subprocess.Po
     raise RuntimeError(f"mgpu serve exited with status {proc.wait()}")
 
 
-def llama_problem(python: str | None) -> str | None:
-    """Why llama.cpp's server cannot run (None when it can)."""
+def llama_problem(args: argparse.Namespace) -> str | None:
+    """Why llama.cpp cannot run (None when it can): ``--llama-server`` must be an executable,
+    ``--llama-python`` an interpreter importing ``llama_cpp.server``."""
+    if args.llama_server is not None:
+        if not os.access(args.llama_server, os.X_OK):
+            return f"not run: {args.llama_server} is not an executable llama-server"
+        return None
+    python = args.llama_python
     if python is None:
-        return "not run: no --llama-python given (see the setup command above)"
+        return "not run: no --llama-server or --llama-python given (see the setup above)"
     try:
         subprocess.run(
             [python, "-c", "import llama_cpp.server"], check=True, capture_output=True, timeout=120
@@ -115,6 +126,39 @@ def llama_problem(python: str | None) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"not run: {python} cannot import llama_cpp.server ({type(exc).__name__})"
     return None
+
+
+def wait_ready(proc: subprocess.Popen, url: str, name: str) -> None:
+    """Poll ``url``/v1/models until it answers 200; the server's exit or 300 s is an error."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{name} did not answer within 300 s")
+
+
+def start_llama_server(
+    binary: str, gguf: Path, threads: int, slots: int
+) -> tuple[subprocess.Popen[bytes], str]:
+    """llama.cpp's ``llama-server`` with ``slots`` parallel slots of 512 tokens each (continuous
+    batching is its default); returns the process and its URL."""
+    port = free_port()
+    cmd = [
+        *(binary, "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
+        *("--threads", str(threads), "--threads-batch", str(threads)),
+        *("--parallel", str(slots), "--ctx-size", str(512 * slots), "--alias", "peer"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url, "llama-server")
+    return proc, url
 
 
 def start_llama(python: str, gguf: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -127,18 +171,8 @@ def start_llama(python: str, gguf: Path, threads: int) -> tuple[subprocess.Popen
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited with status {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("llama_cpp.server did not answer within 300 s")
+    wait_ready(proc, url, "llama_cpp.server")
+    return proc, url
 
 
 def eos_bias(path: Path) -> dict:
@@ -160,10 +194,17 @@ def measure_server(
         )
 
     level(synthetic_requests(2, "8", "8", seed=1), 1)  # warm-up
-    run = level(synthetic_requests(args.single_requests, "16", str(args.new_tokens), seed=2), 1)
-    per_token = [t for r in run.results if r.ok and (t := r.time_per_output_token) is not None]
-    row.errors += sum(not r.ok for r in run.results)
-    row.decode_tps = 1 / float(np.mean(per_token)) if per_token else None
+    # Decode rate from whole-request latencies of 1 and 1 + n tokens, as for transformers: a
+    # random model's tokens may detokenise to nothing (the ~140M model's 32000 ids against the
+    # demo tokenizer's 4096), and streamed chunks without text carry no timing.
+    latency = {}
+    for n in (1, 1 + args.new_tokens):
+        run = level(synthetic_requests(args.single_requests, "16", str(n), seed=2), 1)
+        ok = [r.latency for r in run.results if r.ok and r.output_tokens == n]
+        row.errors += len(run.results) - len(ok)
+        latency[n] = float(np.mean(ok)) if ok else None
+    one, full = latency[1], latency[1 + args.new_tokens]
+    row.decode_tps = args.new_tokens / (full - one) if one and full and full > one else None
     for clients in args.clients:
         reqs = synthetic_requests(clients * args.rounds, "16", str(args.new_tokens), seed=clients)
         run = level(reqs, clients)
@@ -252,8 +293,16 @@ def render(rows: list[Row], bandwidth: float, weight_bytes: dict, args: argparse
     lines += [
         "",
         "Bandwidth limit = measured read bandwidth / weight bytes per token (batch-1 decode reads "
-        "every weight once). llama-cpp-python's server serves one request at a time, so at 8 and "
-        "32 clients its throughput is its single-stream rate and its TTFT a queue; transformers "
+        "every weight once). "
+        + (
+            f"llama.cpp is its own `llama-server` with {max(args.clients)} parallel slots "
+            "(continuous batching); "
+            if args.llama_server is not None
+            else "llama.cpp is llama-cpp-python's server, which serves one request at a time, "
+            "so at 8 and 32 clients its throughput is its single-stream rate and its TTFT a "
+            "queue; "
+        )
+        + "transformers "
         "runs static batches in-process (no HTTP). mgpu runs with its defaults"
         + (f" plus `{' '.join(args.mgpu_flags)}`" if args.mgpu_flags else "")
         + ".",
@@ -300,6 +349,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo", "llama-140m"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     parser.add_argument("--engines", nargs="+", default=["mgpu", "transformers", "llama.cpp"])
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary (preferred)")
     parser.add_argument("--llama-python", help="python of a venv with llama-cpp-python[server]")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32])
@@ -311,7 +361,7 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
-    problem = llama_problem(args.llama_python) if "llama.cpp" in args.engines else None
+    problem = llama_problem(args) if "llama.cpp" in args.engines else None
     bandwidth = memory_bandwidth_gbs(args.threads, "cpu")
     rows: list[Row] = []
     weight_bytes: dict[tuple[str, str], int] = {}
@@ -337,7 +387,13 @@ def main() -> None:
                     else:
                         gguf = Path(tmp) / f"{name}-{dtype}.gguf"
                         write_gguf(path, gguf, GGUF_TYPES[dtype])
-                        proc, url = start_llama(args.llama_python, gguf, args.threads)
+                        if args.llama_server is not None:
+                            slots = max(args.clients)
+                            proc, url = start_llama_server(
+                                args.llama_server, gguf, args.threads, slots
+                            )
+                        else:
+                            proc, url = start_llama(args.llama_python, gguf, args.threads)
                         try:
                             measure_server(row, url, "peer", args, eos_bias(path))
                         finally:

@@ -8,8 +8,9 @@ step's input tensors and attention metadata, the model's forward, the LM head, t
 detokenising) is the gap between ``LLM.generate``'s time per token and ``execute``'s.
 
 Run: ``python benchmarks/profile_decode.py [--batch 1 32] [--steps 20]``; prints the tables.
-``--settings`` instead compares single-stream decode of the demo model under the default settings,
-``cpu_reserved_cores=0`` and ``compile=True`` (engines timed in turns).
+``--settings [NAME ...]`` instead compares single-stream decode of the demo model and the ~140M
+Llama under the default settings and the alternatives of :data:`SETTINGS` (cores kept for the
+engine, OpenMP's wait policy, ``compile``), engines timed in turns.
 """
 
 from __future__ import annotations
@@ -104,25 +105,42 @@ def engine_rate(path: Path, tokens: int = 64) -> float:
         return tokens / (time.perf_counter() - start)
 
 
-#: The settings ``--defaults`` compares: what a user gets, and the two it could be instead.
-SETTINGS = {
-    "defaults (one core kept, eager)": {},
-    "cpu_reserved_cores=0": {"cpu_reserved_cores": 0},
-    "compile=True": {"compile_decode": True},
+#: The settings ``--settings`` compares: what a user gets, and what it could be instead; each is
+#: ``LLM`` keyword arguments and the environment its workers start with.
+SETTINGS: dict[str, tuple[dict, dict[str, str]]] = {
+    "defaults": ({}, {}),
+    "cpu_reserved_cores=0": ({"cpu_reserved_cores": 0}, {}),
+    "OMP_WAIT_POLICY=PASSIVE": ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "cpu_reserved_cores=0, PASSIVE": ({"cpu_reserved_cores": 0}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "OMP_WAIT_POLICY=ACTIVE": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "cpu_reserved_cores=0, ACTIVE": ({"cpu_reserved_cores": 0}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "compile=True": ({"compile_decode": True}, {}),
 }
 
 
-def settings_rates(path: Path, rounds: int = 4, tokens: int = 64) -> None:
-    """Print single-stream tokens/s of ``LLM(...)`` under each of :data:`SETTINGS`, the engines
-    alive at once and timed in turns (best of ``rounds``), with each one's start-up time."""
+def settings_rates(path: Path, names: list[str], rounds: int = 4, tokens: int = 64) -> None:
+    """Print single-stream tokens/s of ``LLM(...)`` under each of :data:`SETTINGS` in ``names``,
+    the engines alive at once and timed in turns (best of ``rounds``), with each one's start-up
+    time. A setting's environment reaches only its workers (they read it when they start)."""
     llms, started = {}, {}
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     prompt = {"prompt_token_ids": list(range(2, 2 + PROMPT_LEN))}
     try:
-        for name, kwargs in SETTINGS.items():
-            begin = time.perf_counter()
-            llms[name] = LLM(str(path), device="cpu", dtype="float32", max_model_len=512, **kwargs)
-            llms[name].generate([prompt], params, use_tqdm=False)  # warm-up (and compilation)
+        for name in names:
+            kwargs, env = SETTINGS[name]
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                begin = time.perf_counter()
+                llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=512, **kwargs)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            llms[name] = llm
+            llm.generate([prompt], params, use_tqdm=False)  # warm-up (and compilation)
             started[name] = time.perf_counter() - begin
         best = dict.fromkeys(llms, 0.0)
         for _ in range(rounds):
@@ -147,11 +165,18 @@ def main() -> None:
         "--threads", type=int, help="torch threads (default: what a TP=1 worker gets)"
     )
     parser.add_argument(
-        "--settings", action="store_true", help="only compare the LLM(...) settings (defaults)"
+        "--settings",
+        nargs="*",
+        choices=list(SETTINGS),
+        help="only compare these LLM(...) settings (no names: all of them)",
     )
     args = parser.parse_args()
-    if args.settings:
-        settings_rates(demo_model_path())
+    if args.settings is not None:
+        names = args.settings or list(SETTINGS)
+        with tempfile.TemporaryDirectory() as tmp:
+            settings_rates(demo_model_path(), names)
+            if not args.skip_big:
+                settings_rates(make_big_model(Path(tmp) / "llama-140m"), names)
         return
     threads = args.threads or len(cpu_shares(1)[0])
     torch.set_num_threads(threads)
