@@ -68,8 +68,10 @@ def test_graphs_match_eager_steps(model_dir: Path, layout: dict) -> None:
         assert all(r.memory_bytes > 0 for r in reports)
         graphs = _decode(llm)
         steps = llm.engine.executor.call_all("decode_graph_steps")
+        whole_batches = llm.engine.max_steps_in_flight == 1  # PP=2: micro-batches of 2 and 1
     for shapes in steps:  # every rank replayed graphs, 3 rows at batch 4, across widths
-        assert any(b == 4 for b, _ in shapes) and {w for _, w in shapes} >= {8, 16}
+        assert {w for _, w in shapes} >= {8, 16}
+        assert any(b == 4 for b, _ in shapes) or not whole_batches
     with _engine(model_dir, layout, enforce_eager=True) as llm:
         assert llm.engine.graph_reports == []
         eager = _decode(llm)
