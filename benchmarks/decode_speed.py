@@ -9,7 +9,9 @@ Models: the bundled demo model, and a ~140M random Llama (hidden 1024, 12 layers
 heads, intermediate 2048, vocab 32000, tied) written to a temporary directory. The peer is
 ``transformers`` ``generate()`` on the same weights, dtype and thread count.
 
-Run: ``python benchmarks/decode_speed.py`` (writes docs/benchmarks.md's decode section).
+Run: ``python benchmarks/decode_speed.py`` (writes docs/benchmarks.md's decode section). On CUDA,
+mgpu's rows replay CUDA graphs of the decode steps (the default); ``--eager-rows`` adds TP=1 rows
+with ``--enforce-eager`` beside them, graphs off.
 """
 
 from __future__ import annotations
@@ -109,7 +111,15 @@ def prompt_ids(n: int = 16) -> list[int]:
 class MgpuRunner:
     """An mgpu engine kept alive for one case, timed by :func:`interleaved_rates`."""
 
-    def __init__(self, path: Path, dtype: str, tp: int, device: str, compile_decode: bool):
+    def __init__(
+        self,
+        path: Path,
+        dtype: str,
+        tp: int,
+        device: str,
+        compile_decode: bool,
+        enforce_eager: bool = False,
+    ):
         self.llm = LLM(
             str(path),
             tensor_parallel_size=tp,
@@ -119,6 +129,7 @@ class MgpuRunner:
             max_model_len=512,
             cpu_reserved_cores=0,  # every core to the worker: the thread count transformers gets
             compile_decode=compile_decode,
+            enforce_eager=enforce_eager,
         )
         self.run(8)  # warm-up (and compilation)
 
@@ -220,6 +231,11 @@ def render(results: list[Result], bandwidth: float, command: str, device: str) -
         "bandwidth / weight bytes per token. `--compile` rows run decode steps through "
         "torch.compile."
     )
+    if device == "cuda":
+        note += (
+            " mgpu rows replay CUDA graphs of the decode steps; `--enforce-eager` rows run them "
+            "eagerly."
+        )
     if device == "cpu":
         note += (
             " TP=2 on CPU splits the same cores over two worker processes, so it shows the cost "
@@ -240,6 +256,11 @@ def main() -> None:
     parser.add_argument("--demo-dtype", default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--compile", action="store_true", help="add TP=1 rows with --compile")
+    parser.add_argument(
+        "--eager-rows",
+        action="store_true",
+        help="CUDA: add TP=1 rows with --enforce-eager (CUDA graphs off)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, engines taking turns")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--output", type=Path, help="also write the section to this file")
@@ -257,13 +278,17 @@ def main() -> None:
         for name, path, dtype in tqdm(cases, desc="benchmark", unit="case"):
             torch_dtype = getattr(torch, dtype)
             wbytes = weight_bytes_read(path, torch_dtype)
-            # (engine label, TP, runner): transformers, mgpu at each TP, mgpu --compile at TP=1
+            # (engine label, TP, runner): transformers, mgpu at each TP, then at TP=1 mgpu --compile
+            # and, on CUDA, mgpu --enforce-eager
             runners: list[tuple[str, int, MgpuRunner | TransformersRunner]] = [
                 ("transformers", 1, TransformersRunner(path, torch_dtype, threads, device))
             ]
             runners += [("mgpu", tp, MgpuRunner(path, dtype, tp, device, False)) for tp in tps]
             if args.compile:
                 runners.append(("mgpu --compile", 1, MgpuRunner(path, dtype, 1, device, True)))
+            if args.eager_rows and device == "cuda":
+                eager = MgpuRunner(path, dtype, 1, device, False, enforce_eager=True)
+                runners.append(("mgpu --enforce-eager", 1, eager))
             try:
                 rates = interleaved_rates([r for _, _, r in runners], args.new_tokens, args.rounds)
                 for (engine, tp, runner), rate in zip(runners, rates, strict=True):

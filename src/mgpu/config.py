@@ -474,7 +474,6 @@ QUANTIZATION_CHOICES = ("int8", "int4", "awq", "gptq", "gguf")
 #: vLLM flags mgpu accepts without acting on them, and why (printed once at start-up when set).
 IGNORED_BECAUSE = {
     "seed": "sampling seeds are per request (the request's `seed` field)",
-    "enforce_eager": "mgpu runs eagerly unless --compile is given",
     "swap_space": "pre-empted sequences are recomputed, never swapped to CPU memory",
     "kv_cache_dtype": "the KV cache is kept in the model's dtype",
     "disable_log_stats": "mgpu prints no periodic statistics (see /metrics)",
@@ -553,6 +552,11 @@ class EngineArgs:
     compile: bool = _arg(
         False, "compile decode steps with torch.compile: slower start, faster small-model decode"
     )
+    enforce_eager: bool = _arg(
+        False,
+        "turn CUDA graphs off: on CUDA, decode steps replay graphs captured at start-up unless "
+        "this is given (vLLM's flag); steps on CPU are always eager",
+    )
     max_steps_in_flight: int | None = _arg(
         None,
         "steps outstanding at once (default: the pipeline stages, so every stage works, but 1 "
@@ -566,7 +570,6 @@ class EngineArgs:
         False, "refused: mgpu never runs a model's own code", group="vllm"
     )
     seed: int | None = _arg(None, "vLLM's seed (see the start-up line)", group="vllm")
-    enforce_eager: bool = _arg(False, "vLLM's flag; mgpu is eager by default", group="vllm")
     swap_space: float | None = _arg(
         None, "vLLM's CPU swap in GiB (see the start-up line)", group="vllm"
     )
@@ -721,6 +724,7 @@ class EngineArgs:
             "num_blocks": self.num_gpu_blocks_override,
             "cpu_reserved_cores": self.cpu_reserved_cores,
             "compile_decode": self.compile,
+            "enforce_eager": self.enforce_eager,
             "enable_prefix_caching": self.enable_prefix_caching,
             "max_steps_in_flight": self.max_steps_in_flight,
             "nnodes": self.nnodes,

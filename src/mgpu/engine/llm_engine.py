@@ -29,6 +29,7 @@ from mgpu.config import (
     blocks_for_tokens,
 )
 from mgpu.engine.block_manager import BlockManager
+from mgpu.engine.cuda_graph import GRAPH_SHAPED_ENV, MAX_GRAPH_KEYS, GraphReport
 from mgpu.engine.detokenizer import detokenize_incrementally
 from mgpu.engine.executor import Executor, LaunchConfig
 from mgpu.engine.headless import resolve_engine
@@ -143,6 +144,9 @@ class LLMEngine:
             there are more cores than ranks; 0 gives the workers every core).
         compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
+        enforce_eager: no CUDA graphs: every step runs eagerly (on CUDA decode steps are
+            captured as graphs at start-up by default, see :mod:`mgpu.engine.cuda_graph`; CPU
+            steps are always eager).
         enable_prefix_caching: share the KV blocks of equal prompt prefixes between requests.
         tokenizer: tokenizer directory or hub id (default: the model's).
         chat_template: a Jinja chat template, or a file holding one (default: the tokenizer's).
@@ -185,6 +189,7 @@ class LLMEngine:
         num_blocks: int | None = None,
         cpu_reserved_cores: int | None = None,
         compile_decode: bool = False,
+        enforce_eager: bool = False,
         enable_prefix_caching: bool = True,
         tokenizer: str | None = None,
         chat_template: str | None = None,
@@ -278,6 +283,9 @@ class LLMEngine:
         self.lora_config, adapters = self._check_lora(
             model, enable_lora, lora_modules, max_loras, max_lora_rank
         )
+        self.graph_mode = self._graph_mode(enforce_eager)
+        #: Each rank's decode-graph report from start-up (empty without graphs).
+        self.graph_reports: list[GraphReport] = []
         self.executor = Executor(
             self.model_path, self.model_config, self.parallel_config, launch_config
         )
@@ -289,6 +297,7 @@ class LLMEngine:
                 )
                 logger.info("LoRA slots: %.1f MiB on the largest rank", max(slot_bytes) / 2**20)
             self._init_cache()
+            self._init_decode_graphs()
         except BaseException:
             self.executor.shutdown()
             raise
@@ -394,11 +403,21 @@ class LLMEngine:
             ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return ids
 
+    def _graph_mode(self, enforce_eager: bool) -> str | None:
+        """``cuda`` (capture decode graphs), ``eager`` (graph-shaped steps on CPU, under the
+        tests' :data:`~mgpu.engine.cuda_graph.GRAPH_SHAPED_ENV`) or None (plain steps)."""
+        if enforce_eager:
+            return None
+        if self.device == "cuda":
+            return "cuda"
+        return "eager" if os.environ.get(GRAPH_SHAPED_ENV) == "1" else None
+
     def _init_cache(self) -> None:
         per_rank = self.executor.call_all(
             "profile_num_blocks",
             self.scheduler_config,
             self.parallel_config.world_size,
+            self.graph_mode,
         )
         num_blocks = min(per_rank)
         need = blocks_for_tokens(self.scheduler_config.max_model_len, self.cache_config.block_size)
@@ -408,12 +427,53 @@ class LLMEngine:
                 f"rank, fewer than --max-model-len {self.scheduler_config.max_model_len}; lower "
                 "--max-model-len, raise --gpu-memory-utilization, or use more devices"
             )
-        self.executor.call_all("allocate_kv_cache", num_blocks)
+        self.executor.call_all("allocate_kv_cache", num_blocks, self.graph_mode is not None)
         self.block_manager = BlockManager(
             num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
         )
         max_loras = self.lora_config.max_loras if self.lora_config is not None else None
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, max_loras)
+
+    def _init_decode_graphs(self) -> None:
+        """Capture the decode graphs on every rank (or prepare graph-shaped steps), and say once
+        what runs eagerly and why. A capture error on any rank turns graphs off on all of them:
+        the TP ranks of a stage must replay the same graphs (NCCL's rule for captured
+        collectives)."""
+        mode = self.graph_mode
+        if mode is None:
+            return
+        reports = self.executor.call_all("prepare_decode_graphs", self.scheduler_config, mode)
+        failed = [(rank, r.error) for rank, r in enumerate(reports) if r.error is not None]
+        if failed:
+            self.executor.call_all("release_decode_graphs")
+            rank, error = failed[0]
+            logger.warning(
+                "CUDA graphs off, decode steps run eagerly: rank %d failed %s", rank, error
+            )
+            return
+        self.graph_reports = reports
+        for reason in sorted({r.disabled for r in reports if r.disabled is not None}):
+            ranks = [rank for rank, r in enumerate(reports) if r.disabled == reason]
+            logger.warning(
+                "CUDA graphs off on rank(s) %s, their decode steps run eagerly: %s",
+                ", ".join(map(str, ranks)),
+                reason,
+            )
+        captured = [r for r in reports if r.num_graphs]
+        if captured:
+            r = captured[0]
+            kind = "CUDA graphs" if mode == "cuda" else "graph-shaped steps (eager, CPU)"
+            logger.info(
+                "%s: %d decode shapes, batch sizes %s x block widths %s, in %.1f s and %.0f MiB "
+                "on the largest rank; steps with a prefill or gathering over %d keys run eagerly",
+                kind,
+                r.num_graphs,
+                ",".join(map(str, r.batch_sizes)),
+                ",".join(map(str, r.widths)),
+                max(x.seconds for x in captured),
+                max(x.memory_bytes for x in captured) / 2**20,
+                MAX_GRAPH_KEYS,
+            )
 
     @property
     def rank_reports(self) -> list[RankReport]:

@@ -19,7 +19,16 @@ import torch
 from mgpu.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, blocks_for_tokens
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import pp_recv, pp_send
-from mgpu.engine.forward_context import ForwardContext, set_forward_context
+from mgpu.engine.cuda_graph import (
+    GRAPH_EXEC_BYTES,
+    DecodeGraphs,
+    GraphReport,
+    batch_sizes,
+    block_widths,
+    graph_shapes,
+    uncapturable,
+)
+from mgpu.engine.forward_context import ForwardContext, LoRAMapping, set_forward_context
 from mgpu.engine.messages import SeqChunk, StepInput
 from mgpu.layers.attention import (
     AttentionMetadata,
@@ -123,6 +132,10 @@ class ModelRunner:
         TIMER.use_cuda(device.type == "cuda")
         self._slow_s = _test_slow_seconds(rank)
         self.lora: LoRAManager | None = None
+        #: Graph-shaped decode steps (``prepare_decode_graphs``), and the block their padding
+        #: rows use, beyond the engine's blocks (``allocate_kv_cache``).
+        self.graphs: DecodeGraphs | None = None
+        self.scratch_block: int | None = None
 
     def load_lora(self, adapters: list[AdapterInfo], max_loras: int, max_lora_rank: int) -> int:
         """Attach LoRA slots to the targeted linears and read this rank's adapter shards.
@@ -170,6 +183,7 @@ class ModelRunner:
         self,
         sched: SchedulerConfig,
         world_size: int,
+        graph_mode: str | None = None,
     ) -> int:
         """How many KV blocks fit this rank's budget after a profiling forward pass.
 
@@ -177,6 +191,17 @@ class ModelRunner:
         available RAM, shared by the ranks). The profiling pass runs the largest step the scheduler
         can issue, so its activation peak is measured, not guessed. The count is capped at what the
         scheduler can ever use: ``max_num_seqs`` sequences at ``max_model_len``.
+
+        With graph-shaped decode steps (``graph_mode``) the budget leaves the scratch block, and
+        with CUDA graphs what capture will hold: the graphs share one memory pool, which keeps the
+        activations of the largest graph (the shape gathering most keys) for good, beside the
+        eager allocator's; a decode step of that shape is profiled for it, plus
+        :data:`~mgpu.engine.cuda_graph.GRAPH_EXEC_BYTES` per graph for the driver's copies.
+
+        Args:
+            sched: the scheduler's limits.
+            world_size: ranks of the engine (they share the host's RAM on CPU).
+            graph_mode: ``cuda``, ``eager`` (graph-shaped steps on CPU) or None.
         """
         cache = self.cache_config
         cap = sched.max_num_seqs * blocks_for_tokens(sched.max_model_len, cache.block_size)
@@ -193,6 +218,14 @@ class ModelRunner:
             peak = torch.cuda.max_memory_allocated(self.device)
             non_torch = (total - free) - torch.cuda.memory_allocated(self.device)
             budget = cache.gpu_memory_utilization * total - peak - non_torch
+            if graph_mode == "cuda":
+                # Every rank profiles (a pipeline stage's profile pairs with its neighbours'), and
+                # a stage that will not capture keeps the memory.
+                max_blocks = blocks_for_tokens(sched.max_model_len, self.block_size)
+                shapes = graph_shapes(sched.max_num_seqs, max_blocks, self.block_size)
+                pool = self._profile_decode(shapes[0], sched.max_model_len)
+                if uncapturable(self.model) is None:
+                    budget -= pool + len(shapes) * GRAPH_EXEC_BYTES
         else:
             process = psutil.Process(os.getpid())
             before = process.memory_info().rss
@@ -205,6 +238,8 @@ class ModelRunner:
                 share = psutil.virtual_memory().available / world_size
                 budget = cache.gpu_memory_utilization * share - activations
         budget -= _RUNTIME_RESERVE_BYTES
+        if graph_mode is not None:
+            budget -= per_block  # the scratch block
         gc.collect()
         return max(0, min(cap, int(budget // per_block)))
 
@@ -215,11 +250,90 @@ class ModelRunner:
         self._forward(StepInput([chunk]))
         self.allocate_kv_cache(0)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """(Re)allocate every layer's cache: (2, kv_heads, num_blocks, block_size, head_dim)."""
+    def _profile_decode(self, shape: tuple[int, int], max_model_len: int) -> int:
+        """Activation bytes of a decode step at the largest graph's (batch size, block width):
+        every sequence reads the same table of that width, at its last position."""
+        batch, width = shape
+        self.allocate_kv_cache(width)
+        table = list(range(width))
+        position = min(width * self.block_size, max_model_len) - 1
+        chunks = [SeqChunk(-1, [0], position, table, sample=False) for _ in range(batch)]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self._forward(StepInput(chunks))
+        torch.cuda.synchronize(self.device)
+        used = torch.cuda.max_memory_allocated(self.device) - base
+        self.allocate_kv_cache(0)
+        return used
+
+    def allocate_kv_cache(self, num_blocks: int, scratch_block: bool = False) -> None:
+        """(Re)allocate every layer's cache: (2, kv_heads, num_blocks, block_size, head_dim).
+
+        Drops any decode graphs (they hold the old cache's addresses).
+
+        Args:
+            num_blocks: the engine's blocks.
+            scratch_block: add one block past them for the padding rows of graph-shaped steps.
+        """
+        self.release_decode_graphs()
+        self.scratch_block = num_blocks if scratch_block else None
+        total = num_blocks + 1 if scratch_block else num_blocks
         for attn in self.attn_layers:
-            shape = attn.cache_shape(num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            shape = attn.cache_shape(total, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- decode graphs ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prepare_decode_graphs(self, sched: SchedulerConfig, mode: str) -> GraphReport:
+        """Build the static buffers of graph-shaped decode steps and, on CUDA, capture them.
+
+        Called by the engine on every rank at once, after ``allocate_kv_cache(..., True)`` (see
+        :mod:`mgpu.engine.cuda_graph`). A stage that cannot be captured, or whose capture failed,
+        keeps the plain path and says why in its report.
+
+        Args:
+            sched: the scheduler's limits (the largest batch and context).
+            mode: ``cuda`` (capture) or ``eager`` (graph-shaped steps run eagerly: CPU tests).
+        """
+        if self.scratch_block is None:
+            raise RuntimeError("graph-shaped steps need allocate_kv_cache(..., scratch_block=True)")
+        self.release_decode_graphs()
+        max_blocks = blocks_for_tokens(sched.max_model_len, self.block_size)
+        reason = uncapturable(self.model)
+        if reason is not None:
+            sizes, widths = batch_sizes(sched.max_num_seqs), block_widths(max_blocks)
+            return GraphReport(mode, 0, tuple(sizes), tuple(widths), disabled=reason)
+        lora = self.lora
+        graphs = DecodeGraphs(
+            self._run_stage,
+            mode,
+            max_num_seqs=sched.max_num_seqs,
+            max_blocks=max_blocks,
+            block_size=self.block_size,
+            scratch_block=self.scratch_block,
+            max_positions=self.config.max_position_embeddings,
+            sliding_window=self.config.sliding_window,
+            hidden_size=None if self.is_first else self.config.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
+            lora_width=lora.max_loras * lora.max_rank if lora is not None else None,
+        )
+        report = graphs.capture()
+        if report.error is None:
+            self.graphs = graphs
+        return report
+
+    def release_decode_graphs(self) -> None:
+        """Run every step on the plain path from now on (drops graphs and buffers)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
+    def decode_graph_steps(self) -> dict[tuple[int, int], int]:
+        """Graph-shaped steps run so far, per (batch size, block width)."""
+        return dict(self.graphs.steps) if self.graphs is not None else {}
 
     # ---- steps --------------------------------------------------------------------------------
 
@@ -238,24 +352,55 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, step: StepInput) -> torch.Tensor | None:
-        """Run this stage; returns the last stage's final hidden states (T, h), else None."""
-        input_ids, positions, meta = self._metadata(step.chunks)
-        hidden = residual = None
-        if not self.is_first:
-            shape = (input_ids.shape[0], self.config.hidden_size)
-            hidden = pp_recv(shape, self.dtype, self.device)
-            residual = pp_recv(shape, self.dtype, self.device)
-        compiled = self._decode_model is not None and meta.all_decode
-        model = self._decode_model if compiled else self.model
-        lora = self.lora.mapping(step) if self.lora is not None else None
-        with set_forward_context(ForwardContext(meta, lora)):
-            hidden, residual = model(input_ids, positions, meta, hidden, residual)
+        """Run this stage; returns the last stage's final hidden states (T, h), else None.
+
+        A decode step that fits a graph shape runs graph-shaped (``mgpu.engine.cuda_graph``);
+        every other step, and every step without graphs, on the plain path below. Either way the
+        step's inputs are built before it waits for the previous stage's hidden states.
+        """
+        graph_shape = self.graphs.shape(step.chunks) if self.graphs is not None else None
+        if graph_shape is not None:
+            assert self.graphs is not None
+            self.graphs.fill(step.chunks, graph_shape)
+            hidden, residual = self._receive(len(step.chunks))
+            lora = self.lora.mapping(step) if self.lora is not None else None
+            hidden, residual = self.graphs.run(
+                graph_shape, len(step.chunks), lora, hidden, residual
+            )
+        else:
+            input_ids, positions, meta = self._metadata(step.chunks)
+            hidden, residual = self._receive(input_ids.shape[0])
+            lora = self.lora.mapping(step) if self.lora is not None else None
+            hidden, residual = self._run_stage(input_ids, positions, meta, hidden, residual, lora)
         if not self.is_last:
             self.finish_sends()
             for x in (hidden.contiguous(), residual.contiguous()):
                 self._sends.append((pp_send(x), x))
             return None
         return hidden
+
+    def _receive(self, num_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hidden, residual), each (T, h), from the previous stage; (None, None) on the first."""
+        if self.is_first:
+            return None, None
+        shape = (num_tokens, self.config.hidden_size)
+        return pp_recv(shape, self.dtype, self.device), pp_recv(shape, self.dtype, self.device)
+
+    def _run_stage(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        lora: LoRAMapping | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This stage's model on one step's tensors, in the step's forward context (decode-only
+        steps through the compiled model with ``compile_decode``)."""
+        compiled = self._decode_model is not None and meta.all_decode
+        model = self._decode_model if compiled else self.model
+        with set_forward_context(ForwardContext(meta, lora)):
+            return model(input_ids, positions, meta, hidden, residual)
 
     def finish_sends(self) -> None:
         """Wait for the previous step's hand-offs to the next stage (they are usually done)."""
@@ -306,7 +451,7 @@ class ModelRunner:
         engine runs it only while no request is in flight, so it may use any blocks of the cache.
         """
         needed = blocks_for_tokens(len(token_ids), self.block_size)
-        total = self.attn_layers[0].num_blocks
+        total = self.attn_layers[0].num_blocks if self.scratch_block is None else self.scratch_block
         if needed > total:
             raise ValueError(f"prompt of {len(token_ids)} tokens exceeds the KV cache")
         chunk = SeqChunk(-1, token_ids, 0, list(range(needed)), sample=False)
