@@ -547,7 +547,9 @@ class EngineArgs:
         None, "fix the KV cache at this many blocks instead of profiling memory"
     )
     cpu_reserved_cores: int | None = _arg(
-        None, "CPU only: cores kept free for the engine process (default: 1 if cores > ranks)"
+        None,
+        "CPU only: cores kept free for the engine process (default: 1 if every rank still gets "
+        "4 cores, else 0 and the workers' OpenMP threads wait passively)",
     )
     compile: bool = _arg(
         False, "compile decode steps with torch.compile: slower start, faster small-model decode"

@@ -42,3 +42,22 @@ def test_readme_example_runs_without_main_guard(tmp_path: Path, how: str) -> Non
     ids = re.search(r"\[([\d, ]+)\]\s*$", done.stdout)
     assert ids is not None, done.stdout
     assert len(ids.group(1).split(",")) == 32
+
+
+def _worker_env(llm: object) -> dict[str, str]:
+    (proc,) = llm.engine.executor.procs  # type: ignore[attr-defined]
+    raw = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_workers_on_the_engines_cores_wait_passively(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No core kept: the worker starts with OpenMP's passive waits; a policy the user set wins."""
+    from mgpu import LLM
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with LLM(device="cpu", cpu_reserved_cores=0, max_model_len=128) as llm:
+        assert _worker_env(llm).get("OMP_WAIT_POLICY") == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with LLM(device="cpu", cpu_reserved_cores=0, max_model_len=128) as llm:
+        assert _worker_env(llm).get("OMP_WAIT_POLICY") == "ACTIVE"

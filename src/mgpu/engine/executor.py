@@ -65,19 +65,29 @@ STORE_POLL_S = 0.2
 TIMING_EVERY_S = 0.1
 
 
+#: A core is kept for the engine process only when every rank still gets this many: below that
+#: the reservation costs more than the engine's host work does (see :func:`cpu_shares`).
+MIN_CORES_PER_RANK_TO_RESERVE = 4
+
+
 def cpu_shares(world_size: int, reserved: int | None = None) -> list[list[int]]:
     """Split the cores this process may use into one share per rank (round-robin if too few).
 
     Args:
         world_size: number of ranks.
         reserved: cores left to the engine process (tokenizer, scheduler, HTTP server). By default
-            one when there are more cores than ranks: a worker's OpenMP threads wait for each other
-            at every operator, so one thread descheduled by the engine process stalls them all
-            (measured on 2 cores: small matrix products 4-28x slower while the server ran).
+            one when every rank keeps :data:`MIN_CORES_PER_RANK_TO_RESERVE` cores after it, else
+            none: on 2 cores (a quiet machine, the ~140M Llama in fp32) giving the one worker
+            both cores served 8 and 32 clients 19-20% faster than keeping one for the engine, at
+            the same single-stream speed, once its OpenMP threads wait passively (workers that
+            share cores with the engine get ``OMP_WAIT_POLICY=PASSIVE``, see
+            :func:`~mgpu.engine.worker.launch`); with spinning waits the shared cores had made
+            small products 4-28x slower while the server ran. docs/benchmarks.md has the runs.
     """
     cores = sorted(os.sched_getaffinity(0))
     if reserved is None:
-        reserved = 1 if len(cores) > world_size else 0
+        spare = len(cores) - 1 >= MIN_CORES_PER_RANK_TO_RESERVE * world_size
+        reserved = 1 if spare else 0
     if len(cores) - reserved >= world_size:
         cores = cores[reserved:]
         per = len(cores) // world_size
@@ -158,6 +168,10 @@ class WorkerSet:
         lc = launch_config
         tp = parallel_config.tensor_parallel_size
         shares = cpu_shares(len(ranks), lc.cpu_reserved_cores) if lc.device_type == "cpu" else None
+        # Workers on the engine's own cores wait passively: a spinning OpenMP thread would hold
+        # a core the engine process needs, and the thread it displaces stalls every operator.
+        used = {core for share in shares or [] for core in share}
+        shared = shares is not None and used >= set(os.sched_getaffinity(0))  # no core left free
         # One set of shared buffers per TP group held entirely by this node (CPU only).
         self.shm_files: dict[int, ShmFiles] = {}
         use_shm = lc.device_type == "cpu" and tp > 1 and lc.tp_collective_bytes
@@ -186,6 +200,7 @@ class WorkerSet:
                 control_threads=lc.max_steps_in_flight + 1,
                 timeout_s=lc.timeout_s,
                 quantization=lc.quantization,
+                omp_passive=shared,
             )
             self.procs.append(launch(init))
         self._finalizer = weakref.finalize(self, _kill_all, list(self.procs), self.shm_files)

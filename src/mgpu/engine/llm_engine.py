@@ -141,7 +141,8 @@ class LLMEngine:
         block_size: tokens per KV block.
         num_blocks: fix the KV cache size in blocks instead of profiling (tests, reproducibility).
         cpu_reserved_cores: on CPU, cores kept free for the engine process (default: one when
-            there are more cores than ranks; 0 gives the workers every core).
+            every rank still gets 4 cores, else 0: the workers get every core and wait
+            passively, see :func:`~mgpu.engine.executor.cpu_shares`).
         compile_decode: compile decode steps with ``torch.compile`` (inductor): slower start-up
             (tens of seconds, a C++ compiler on CPU), then faster decoding of small models.
         enforce_eager: no CUDA graphs: every step runs eagerly (on CUDA decode steps are

@@ -72,6 +72,8 @@ class WorkerInit:
         tp_shm: shared buffers of this rank's TP group, when its ranks share a CPU host.
         control_threads: gloo threads of the control group (see ``ControlPlane``).
         timeout_s: how long a collective or a control transfer may wait for a peer.
+        omp_passive: start with ``OMP_WAIT_POLICY=PASSIVE`` unless the caller's environment sets
+            a policy (CPU workers sharing the engine process's cores, see ``cpu_shares``).
     """
 
     rank: int
@@ -91,6 +93,7 @@ class WorkerInit:
     control_threads: int = 2
     timeout_s: float = 300.0
     quantization: str | None = None
+    omp_passive: bool = False
 
 
 def launch(init: WorkerInit) -> subprocess.Popen:
@@ -103,6 +106,8 @@ def launch(init: WorkerInit) -> subprocess.Popen:
     # The worker must import this same mgpu, wherever the caller found it.
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    if init.omp_passive:  # read by OpenMP when torch loads, so it must be set before the start
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # -P (Python 3.11+): the caller's working directory is not put first on the import path.
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     proc = subprocess.Popen(
