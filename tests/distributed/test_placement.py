@@ -18,6 +18,7 @@ from mgpu.engine.placement import (
     fit_tensor_parallel,
     parse_device_memory,
     parse_device_speed,
+    resolve_layout,
 )
 from mgpu.errors import ConfigError
 from mgpu.memory import weight_bytes_per_rank
@@ -275,8 +276,6 @@ def test_issue_scale_budgets(tmp_path: Path) -> None:
 
 def test_resolve_layout_uses_what_the_layout_needs() -> None:
     """A model that fits the first device leaves the other budgets unused (no error)."""
-    from mgpu.engine.placement import resolve_layout
-
     config = _config_32_heads()
     whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
     placed = resolve_layout(config, 4, "cpu", None, None, None, "auto", [f"{whole * 2}B"] * 2)
@@ -289,8 +288,6 @@ def test_cuda_speeds_come_from_the_gpu_table(monkeypatch: pytest.MonkeyPatch) ->
     """On CUDA the speed of each GPU is its memory bandwidth from the planner's table: an RTX 4090
     (1008 GB/s) beside an RTX 3060 (360 GB/s) of the same memory takes most of the layers."""
     from types import SimpleNamespace
-
-    from mgpu.engine.placement import resolve_layout
 
     config = _config_32_heads(layers=16)
     whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
@@ -320,3 +317,21 @@ def test_device_speed_on_the_command_line(six_layers: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "layers per stage 5,1 by device speed within memory" in out
     assert "[0, 5)" in out and "[5, 6)" in out
+
+
+def test_device_speed_with_a_fixed_layout_is_refused(
+    six_layers: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--device-speed`` only splits an automatic layout: beside -tp, -pp, --layer-split or
+    ``--placement manual`` it would change nothing, so the start is refused in one line (exit
+    status 2) naming the flag; on CPU it needs the devices --device-memory lists."""
+    argv = ["serve", str(six_layers), "--device", "cpu", "--dry-run", "--device-speed", "3,1"]
+    for fixed in (["-tp", "2"], ["-pp", "2"], ["--layer-split", "5,1"]):
+        assert mgpu_main([*argv, "--device-memory", "4MiB,4MiB", *fixed]) == 2
+        err = capsys.readouterr().err
+        assert f"but {fixed[0]} fixes the layout; drop --device-speed" in err
+        assert len(err.splitlines()) == 1
+    assert mgpu_main(argv) == 2
+    assert "give --device-memory too" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--placement manual fixes the layout"):
+        resolve_layout(_config_32_heads(), 4, "cpu", None, None, None, "manual", "1GiB", "2,1")
