@@ -217,3 +217,55 @@ def greedy_continuations(model: Any, prompts: list[str], max_tokens: int) -> lis
             )  # (1, prompt_len + max_tokens)
         out.append(gen[0, ids.shape[1] :].tolist())
     return out
+
+
+def engine_run(
+    path: str | Path | None,
+    prompts: list[list[int]],
+    max_tokens: int,
+    follow: list[list[int]] | None = None,
+    **engine: Any,
+) -> tuple[list[list[int]], list[torch.Tensor], list[dict[str, Any]]]:
+    """What one CPU engine on ``path`` gives: the greedy tokens of each token-id prompt, the
+    logits (T, vocab) of each prompt followed by ``follow``'s tokens (default: its own), and its
+    ``layout()`` rows.
+
+    Args:
+        path: the model (None: the bundled demo).
+        prompts: token-id prompts.
+        max_tokens: greedy tokens per prompt (EOS not stopping them).
+        follow: the continuations to score instead of the engine's own.
+        engine: further ``LLM`` keywords (layout, dtype, quantization, ...).
+    """
+    from mgpu import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    model = None if path is None else str(path)
+    with LLM(model, device="cpu", **engine) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        seqs = [p + t for p, t in zip(prompts, follow or tokens, strict=True)]
+        return tokens, [llm.prompt_logits(s) for s in seqs], llm.layout()
+
+
+def assert_argmax_where_clear(
+    ref: torch.Tensor, got: torch.Tensor, positions: slice = slice(None)
+) -> int:
+    """``got`` picks ``ref``'s greedy token wherever ``ref``'s top-two margin exceeds twice
+    their largest difference at that position (rounding cannot flip the choice there).
+
+    Args:
+        ref: (T, vocab) reference logits.
+        got: (T, vocab) logits to check.
+        positions: the rows to check (default: all).
+
+    Returns:
+        How many positions were that clear (a caller asserts enough were, so the check is not
+        vacuous).
+    """
+    r, g = ref[positions], got[positions]
+    noise = (g - r).abs().amax(dim=-1)  # (positions,)
+    top2 = r.topk(2, dim=-1).values  # (positions, 2)
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * noise
+    assert (g.argmax(-1) == r.argmax(-1))[clear].all()
+    return int(clear.sum())

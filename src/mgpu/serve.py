@@ -109,15 +109,16 @@ def run_server(args: argparse.Namespace) -> int:
     Args:
         args: parsed ``serve`` flags (engine and server).
     """
-    from mgpu.engine.headless import dry_run, run_headless
+    from mgpu.engine.headless import dry_run, run_headless, served_names
     from mgpu.engine.llm_engine import LLMEngine
+    from mgpu.lora.adapter import check_served_names
     from mgpu.server.app import ServerConfig, build_app
     from mgpu.server.async_engine import AsyncEngine
     from mgpu.server.lifecycle import serve
 
     engine_args = EngineArgs.from_cli_args(args)
     if args.dry_run:
-        return dry_run(engine_args)
+        return dry_run(engine_args, args.served_model_name)
     if engine_args.node_rank > 0:
         return run_headless(engine_args)
     if not 0 <= args.port <= 65535:
@@ -134,16 +135,9 @@ def run_server(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    name = args.served_model_name or engine.model_path.name
-    aliases = tuple(a for a in (args.model, str(engine.model_path)) if a and a != name)
+    name, aliases = served_names(args.served_model_name, args.model, engine.model_path)
     try:
-        clash = sorted(set(engine.lora_names) & {name, *aliases})
-        if clash:
-            raise ValueError(
-                f"LoRA adapter name '{clash[0]}' is also the served model's name: requests for "
-                "it would reach the base model; rename the adapter in --lora-modules or set "
-                "--served-model-name"
-            )
+        check_served_names(engine.lora_names, (name, *aliases))
         config = ServerConfig(
             served_model_name=name,
             model_aliases=aliases,
@@ -152,7 +146,7 @@ def run_server(args: argparse.Namespace) -> int:
             max_n=args.max_n,
             monitor=MonitorConfig.from_cli_args(args),
         )
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         engine.shutdown()
         sock.close()
         raise ConfigError(str(exc)) from None

@@ -18,6 +18,7 @@ from mgpu.engine.placement import (
     fit_tensor_parallel,
     parse_device_memory,
     parse_device_speed,
+    resolve_layout,
 )
 from mgpu.errors import ConfigError
 from mgpu.memory import weight_bytes_per_rank
@@ -47,10 +48,7 @@ def test_parse_device_memory() -> None:
 def test_unequal_budgets_give_an_uneven_split(six_layers: Path) -> None:
     hf = AutoModelForCausalLM.from_pretrained(six_layers, dtype=torch.float32).eval()
     prompt = [5, 6, 7, 8]
-    with torch.no_grad():
-        expected = list(prompt)
-        for _ in range(8):
-            expected.append(int(hf(torch.tensor([expected])).logits[0, -1].argmax()))
+    expected = hf_greedy(hf, prompt, 8)
     with LLM(
         str(six_layers),
         device="cpu",
@@ -66,7 +64,7 @@ def test_unequal_budgets_give_an_uneven_split(six_layers: Path) -> None:
         assert rows[0]["param_bytes"] > rows[1]["param_bytes"]
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-        assert out.outputs[0].token_ids == expected[len(prompt) :]
+        assert out.outputs[0].token_ids == expected
 
 
 def test_too_large_is_refused_before_loading(six_layers: Path) -> None:
@@ -278,8 +276,6 @@ def test_issue_scale_budgets(tmp_path: Path) -> None:
 
 def test_resolve_layout_uses_what_the_layout_needs() -> None:
     """A model that fits the first device leaves the other budgets unused (no error)."""
-    from mgpu.engine.placement import resolve_layout
-
     config = _config_32_heads()
     whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
     placed = resolve_layout(config, 4, "cpu", None, None, None, "auto", [f"{whole * 2}B"] * 2)
@@ -292,8 +288,6 @@ def test_cuda_speeds_come_from_the_gpu_table(monkeypatch: pytest.MonkeyPatch) ->
     """On CUDA the speed of each GPU is its memory bandwidth from the planner's table: an RTX 4090
     (1008 GB/s) beside an RTX 3060 (360 GB/s) of the same memory takes most of the layers."""
     from types import SimpleNamespace
-
-    from mgpu.engine.placement import resolve_layout
 
     config = _config_32_heads(layers=16)
     whole = weight_bytes_per_rank(config, 32, vector_bytes=4)
@@ -323,3 +317,21 @@ def test_device_speed_on_the_command_line(six_layers: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "layers per stage 5,1 by device speed within memory" in out
     assert "[0, 5)" in out and "[5, 6)" in out
+
+
+def test_device_speed_with_a_fixed_layout_is_refused(
+    six_layers: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--device-speed`` only splits an automatic layout: beside -tp, -pp, --layer-split or
+    ``--placement manual`` it would change nothing, so the start is refused in one line (exit
+    status 2) naming the flag; on CPU it needs the devices --device-memory lists."""
+    argv = ["serve", str(six_layers), "--device", "cpu", "--dry-run", "--device-speed", "3,1"]
+    for fixed in (["-tp", "2"], ["-pp", "2"], ["--layer-split", "5,1"]):
+        assert mgpu_main([*argv, "--device-memory", "4MiB,4MiB", *fixed]) == 2
+        err = capsys.readouterr().err
+        assert f"but {fixed[0]} fixes the layout; drop --device-speed" in err
+        assert len(err.splitlines()) == 1
+    assert mgpu_main(argv) == 2
+    assert "give --device-memory too" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--placement manual fixes the layout"):
+        resolve_layout(_config_32_heads(), 4, "cpu", None, None, None, "manual", "1GiB", "2,1")

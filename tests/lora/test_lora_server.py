@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from mgpu.models.loader import demo_model_path
+from mgpu.serve import main as serve_main
 from tests.lora.conftest import MAX_TOKENS, PROMPTS
-from tests.server.conftest import REPO, ServerProcess, stop_and_check
+from tests.server.conftest import ServerProcess, stop_and_check
 
 
 @pytest.fixture(scope="module")
@@ -86,41 +85,37 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert "'all'" in body["message"] and "'qv'" in body["message"]
 
 
-def test_adapter_above_max_lora_rank_stops_the_start(adapters: dict[str, Path]) -> None:
+def _serve_stderr(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run ``python -m mgpu.serve ARGV`` in this process (its own ``main``), which must refuse to
+    start: exit status 2, one line on stderr and no traceback. Returns stderr."""
+    status = serve_main(["--device", "cpu", "--port", "0", *argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_adapter_above_max_lora_rank_stops_the_start(
+    adapters: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
     """Refused before any worker starts, with the flag to change."""
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "mgpu.serve", "--device", "cpu", "--port", "0"),
-            *("--enable-lora", "--max-lora-rank", "4", "--lora-modules", f"all={adapters['all']}"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert proc.returncode == 2
-    assert "LoRA adapter 'all'" in proc.stderr
-    assert "has rank 8, above --max-lora-rank 4" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    argv = ["--enable-lora", "--max-lora-rank", "4", "--lora-modules", f"all={adapters['all']}"]
+    err = _serve_stderr(argv, capsys)
+    assert "LoRA adapter 'all'" in err
+    assert "has rank 8, above --max-lora-rank 4" in err
 
 
-def test_adapter_named_like_the_served_model_stops_the_start(adapters: dict[str, Path]) -> None:
+def test_adapter_named_like_the_served_model_stops_the_start(
+    adapters: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
     """An adapter called like the base model would be shadowed by it: refused, naming both ways
     out."""
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "mgpu.serve", "--device", "cpu", "--port", "0"),
-            *("--served-model-name", "base", "--enable-lora", "--max-lora-rank", "8"),
-            *("--lora-modules", f"base={adapters['all']}"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "LoRA adapter name 'base' is also the served model's name" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    argv = [
+        *("--served-model-name", "base", "--enable-lora", "--max-lora-rank", "8"),
+        *("--lora-modules", f"base={adapters['all']}"),
+    ]
+    err = _serve_stderr(argv, capsys)
+    assert "LoRA adapter name 'base' is also the served model's name" in err
 
 
 def test_streamed_chat_on_an_adapter(client: openai.OpenAI) -> None:

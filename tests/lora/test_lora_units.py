@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mgpu.cli import main as mgpu_main
 from mgpu.config import EngineArgs, ModelConfig, SchedulerConfig
 from mgpu.distributed import parallel_state as ps
 from mgpu.engine.block_manager import BlockManager
@@ -230,6 +231,44 @@ def test_lora_modules_need_enable_lora_and_the_reverse(adapters: dict[str, Path]
         LLMEngine(device="cpu", lora_modules=[f"a={adapters['all']}"])
     with pytest.raises(ConfigError, match="without --lora-modules would serve no adapter"):
         LLMEngine(device="cpu", enable_lora=True)
+
+
+def test_dry_run_checks_the_adapters(
+    adapters: dict[str, Path],
+    demo_config: ModelConfig,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """``mgpu serve --dry-run`` runs the adapter checks a start runs before its workers: good
+    adapters are listed under the model name that reaches them, and each refusal a start would
+    give is one line on stderr and exit status 2."""
+    serve = ["serve", "--device", "cpu", "--dry-run"]
+    lora = [*serve, "--enable-lora", "--max-lora-rank", "8"]
+    modules = [f"all={adapters['all']}", f"qv={adapters['qv']}"]
+    assert mgpu_main([*lora, "--lora-modules", *modules]) == 0
+    out = capsys.readouterr().out
+    layers = demo_config.num_hidden_layers
+    assert f"LoRA adapter all ({adapters['all']}): rank 8, {7 * layers} modules" in out
+    assert f"LoRA adapter qv ({adapters['qv']}): rank 4, {2 * layers} modules" in out
+    assert "request it as model 'qv'" in out
+    refusals = {
+        "has rank 8, above --max-lora-rank 4": [
+            *serve,
+            *("--enable-lora", "--max-lora-rank", "4", "--lora-modules", modules[0]),
+        ],
+        "not a directory": [*lora, "--lora-modules", f"gone={tmp_path / 'gone'}"],
+        "LoRA adapter name 'base' is also the served model's name": [
+            *lora,
+            *("--served-model-name", "base", "--lora-modules", f"base={adapters['all']}"),
+        ],
+        "without --lora-modules would serve no adapter": lora,
+        "--lora-modules needs --enable-lora": [*serve, "--lora-modules", modules[0]],
+    }
+    for message, argv in refusals.items():
+        assert mgpu_main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+        assert "Traceback" not in err
 
 
 def _as_rank(monkeypatch: pytest.MonkeyPatch, tp_size: int, tp_rank: int) -> None:

@@ -21,7 +21,6 @@ from transformers import AutoConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from mgpu import LLM, SamplingParams
 from mgpu.config import ModelConfig, ParallelConfig
 from mgpu.distributed import parallel_state as ps
 from mgpu.errors import ConfigError
@@ -30,7 +29,7 @@ from mgpu.layers.moe import ExpertWeights, FusedMoE, expert_parallel, expert_ran
 from mgpu.layers.quantization import finish_loading, get_quantization_config, quantization_scope
 from mgpu.layers.quantization.weights import Int4Weight, Int8Weight, quantize_int4, quantize_int8
 from mgpu.models.registry import model_class
-from tests.helpers import ARCHS, make_model
+from tests.helpers import ARCHS, assert_argmax_where_clear, engine_run, make_model
 
 HIDDEN, INTER = 32, 48
 
@@ -45,6 +44,16 @@ def _fill_experts(experts: ExpertWeights, full: dict[str, torch.Tensor]) -> None
     for param in (experts.w13, experts.w2):
         for name, shard in param.hf_names:  # type: ignore[attr-defined]
             _load(param, full[name], shard, name)
+
+
+def _routed_tokens(num_experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """33 random tokens (33, HIDDEN), each with 2 routing weights (33, 2) and 2 distinct experts
+    (33, 2)."""
+    torch.manual_seed(seed)
+    x = torch.randn(33, HIDDEN)
+    weights = torch.rand(33, 2)
+    experts = torch.stack([torch.randperm(num_experts)[:2] for _ in range(33)])
+    return x, weights, experts
 
 
 def _random_experts(num_experts: int) -> dict[str, torch.Tensor]:
@@ -110,10 +119,7 @@ def test_two_rank_shards_sum_to_the_whole(
     names = ("gate_proj", "up_proj", "down_proj")
     whole = ExpertWeights(HIDDEN, INTER, num_experts, names)
     _fill_experts(whole, full)
-    torch.manual_seed(2)
-    x = torch.randn(33, HIDDEN)
-    weights = torch.rand(33, 2)
-    experts = torch.stack([torch.randperm(num_experts)[:2] for _ in range(33)])  # (33, 2)
+    x, weights, experts = _routed_tokens(num_experts, seed=2)
     expected = whole(x, weights, experts, silu_and_mul)
 
     total = torch.zeros_like(x)
@@ -273,10 +279,7 @@ def test_quantized_experts_match_the_float_ones(
     names = ("gate_proj", "up_proj", "down_proj")
     ref = ExpertWeights(HIDDEN, INTER, num_experts, names)
     _fill_experts(ref, full)
-    torch.manual_seed(3)
-    x = torch.randn(33, HIDDEN)
-    weights = torch.rand(33, 2)
-    experts = torch.stack([torch.randperm(num_experts)[:2] for _ in range(33)])  # (33, 2)
+    x, weights, experts = _routed_tokens(num_experts, seed=3)
     expected = ref(x, weights, experts, silu_and_mul)
 
     quant = _quantized_experts(quantization, num_experts, full, dtype)
@@ -305,7 +308,7 @@ def test_quantized_experts_match_the_float_ones(
 
 
 PROMPTS = [list(range(3, 30)), [7, 8, 9], [42, 17]]
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+MAX_TOKENS = 12
 
 
 def _dequantized_checkpoint(src: Path, dst: Path, quantization: str) -> Path:
@@ -322,20 +325,6 @@ def _dequantized_checkpoint(src: Path, dst: Path, quantization: str) -> Path:
     return dst
 
 
-def _agree_at_clear_margins(ref: list[torch.Tensor], got: list[torch.Tensor]) -> int:
-    """Positions predicting the continuation where ``got`` picks ``ref``'s greedy token, checked
-    wherever ``ref``'s top-two margin exceeds twice their difference; returns how many."""
-    decided = 0
-    for prompt, r, g in zip(PROMPTS, ref, got, strict=True):
-        new = slice(len(prompt) - 1, -1)
-        noise = (g[new] - r[new]).abs().amax(dim=-1)  # (new tokens,)
-        top2 = r[new].topk(2, dim=-1).values  # (new tokens, 2)
-        clear = (top2[:, 0] - top2[:, 1]) > 2 * noise
-        assert (g[new].argmax(-1) == r[new].argmax(-1))[clear].all()
-        decided += int(clear.sum())
-    return decided
-
-
 def test_int4_mixtral_engine_agrees_with_float(tmp_path: Path) -> None:
     """A tiny random Mixtral through the whole engine with ``--quantization int4``, against the
     unquantized engine running the weights the quantized one holds (int8 experts are compared
@@ -349,19 +338,17 @@ def test_int4_mixtral_engine_agrees_with_float(tmp_path: Path) -> None:
 
     def run(q: str | None, dtype: str, tp: int, ep: bool, follow: list[list[int]] | None):
         """Greedy tokens, the logits along ``follow`` (default: those tokens), the layout."""
-        with LLM(
-            str(path),
-            device="cpu",
+        return engine_run(
+            path,
+            PROMPTS,
+            MAX_TOKENS,
+            follow,
             dtype=dtype,
             tensor_parallel_size=tp,
             enable_expert_parallel=ep,
             num_blocks=32,
             quantization=q,
-        ) as llm:
-            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
-            tokens = [list(o.outputs[0].token_ids) for o in outs]
-            seqs = [p + t for p, t in zip(PROMPTS, follow or tokens, strict=True)]
-            return tokens, [llm.prompt_logits(s) for s in seqs], llm.layout()
+        )
 
     ref_tokens, ref, _ = run(None, "float32", 1, False, None)
     for dtype, ep in (("float32", False), ("bfloat16", True)):
@@ -375,4 +362,8 @@ def test_int4_mixtral_engine_agrees_with_float(tmp_path: Path) -> None:
         else:
             for r, g in zip(ref, got, strict=True):
                 assert (g - r).norm() <= 0.1 * r.norm()
-            assert _agree_at_clear_margins(ref, got) >= len(PROMPTS) * GREEDY.max_tokens // 3
+            decided = sum(
+                assert_argmax_where_clear(r, g, slice(len(p) - 1, -1))  # the continuation
+                for p, r, g in zip(PROMPTS, ref, got, strict=True)
+            )
+            assert decided >= len(PROMPTS) * MAX_TOKENS // 3

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 
 from mgpu.config import ModelConfig
 from mgpu.distributed import parallel_state as ps
-from mgpu.engine.headless import planned_ranks, resolve_engine
+from mgpu.engine.headless import ResolvedPlan, planned_ranks, resolve_engine
 from mgpu.layers.moe import expert_parallel
 from mgpu.layers.quantization import quant_config_for, quantization_scope
 from mgpu.memory import LinearStorage, stored_bits_per_weight
@@ -53,8 +53,34 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def _predicted(
+    path: Path,
+    *,
+    quantization: str | None,
+    dtype: str = "bfloat16",
+    tp: int = 2,
+    pp: int = 1,
+    is_expert_parallel: bool = False,
+) -> tuple[ResolvedPlan, list[int]]:
+    """The plan a start makes for ``path`` at this layout, and the bytes it predicts per rank."""
+    plan = resolve_engine(
+        str(path),
+        device="cpu",
+        dtype=dtype,
+        quantization=quantization,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        layer_split=None,
+        placement="auto",
+        device_memory=None,
+        enable_expert_parallel=is_expert_parallel,
+    )
+    predicted = [int(row["predicted_param_bytes"]) for row in planned_ranks(plan)]  # type: ignore[call-overload]
+    return plan, predicted
+
+
 def _measured(
-    monkeypatch: pytest.MonkeyPatch, path: Path, quantization: str | None, plan
+    monkeypatch: pytest.MonkeyPatch, path: Path, quantization: str | None, plan: ResolvedPlan
 ) -> list[int]:
     """Bytes of parameters each rank of ``plan`` holds after loading (as ``ModelRunner``)."""
     config = gguf_model_config(path) if path.is_file() else ModelConfig.from_file(path)
@@ -112,19 +138,9 @@ def test_predicted_bytes_match_the_loaded_ranks(
     pp: int,
 ) -> None:
     """Within 1%: the prediction counts codes, scales and the float embedding as loaded."""
-    plan = resolve_engine(
-        str(models[model]),
-        device="cpu",
-        dtype=dtype,
-        quantization=quantization,
-        tensor_parallel_size=tp,
-        pipeline_parallel_size=pp,
-        layer_split=None,
-        placement="auto",
-        device_memory=None,
-        enable_expert_parallel=False,
+    plan, predicted = _predicted(
+        models[model], quantization=quantization, dtype=dtype, tp=tp, pp=pp
     )
-    predicted = [int(row["predicted_param_bytes"]) for row in planned_ranks(plan)]  # type: ignore[call-overload]
     measured = _measured(monkeypatch, models[model], quantization, plan)
     for p, m in zip(predicted, measured, strict=True):
         assert p == pytest.approx(m, rel=0.01), (predicted, measured)
@@ -139,19 +155,9 @@ def test_moe_predicted_bytes(
     is_expert_parallel: bool,
 ) -> None:
     """Mixtral at TP=2 and EP=2: experts counted at their storage, the router in bf16."""
-    plan = resolve_engine(
-        str(models["moe"]),
-        device="cpu",
-        dtype="bfloat16",
-        quantization=quantization,
-        tensor_parallel_size=2,
-        pipeline_parallel_size=1,
-        layer_split=None,
-        placement="auto",
-        device_memory=None,
-        enable_expert_parallel=is_expert_parallel,
+    plan, predicted = _predicted(
+        models["moe"], quantization=quantization, is_expert_parallel=is_expert_parallel
     )
-    predicted = [int(row["predicted_param_bytes"]) for row in planned_ranks(plan)]  # type: ignore[call-overload]
     measured = _measured(monkeypatch, models["moe"], quantization, plan)
     for p, m in zip(predicted, measured, strict=True):
         assert p == pytest.approx(m, rel=0.01), (predicted, measured)
@@ -196,17 +202,5 @@ def test_float_predictions_are_exact_for_each_family(
     norms included (Gemma's sandwich norms, Qwen3's and Gemma 3's q/k norms)."""
     shape = {k: v for k, v in SHAPE.items() if k != "num_hidden_layers"}  # the family's own count
     path = make_model(tmp_path / arch, arch, **shape)
-    plan = resolve_engine(
-        str(path),
-        device="cpu",
-        dtype="float32",
-        quantization=None,
-        tensor_parallel_size=2,
-        pipeline_parallel_size=1,
-        layer_split=None,
-        placement="auto",
-        device_memory=None,
-        enable_expert_parallel=False,
-    )
-    predicted = [int(row["predicted_param_bytes"]) for row in planned_ranks(plan)]  # type: ignore[call-overload]
+    plan, predicted = _predicted(path, quantization=None, dtype="float32")
     assert predicted == _measured(monkeypatch, path, None, plan)

@@ -6,12 +6,8 @@ so the tests cover the command line, start-up and shutdown as well as the HTTP A
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from mgpu.bench.local import LocalServer
 from tests.helpers import make_model
 
 #: Context of most test servers: short, so prompts and KV caches stay small.
@@ -32,8 +29,9 @@ LONG_MODEL_LEN = 2048
 REPO = Path(__file__).resolve().parents[2]
 
 
-class ServerProcess:
-    """A ``python -m mgpu.serve`` subprocess on a free loopback port.
+class ServerProcess(LocalServer):
+    """``mgpu serve`` as users start it (see :class:`~mgpu.bench.local.LocalServer`), run from
+    the repository, with the metrics helpers the tests read.
 
     Args:
         args: flags after ``python -m mgpu.serve``.
@@ -42,37 +40,7 @@ class ServerProcess:
     """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 180):
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.url = ""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mgpu.serve", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(timeout) or not self.url:
-            self.stop()
-            raise RuntimeError("mgpu serve did not start:\n" + self.log)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            match = re.search(r"listening on (http://\S+)", line)
-            if match:
-                self.url = match.group(1)
-                self._ready.set()
-        self._ready.set()  # the process ended
-
-    @property
-    def log(self) -> str:
-        """Everything the server printed so far."""
-        return "".join(self.lines)
+        super().__init__(args, timeout=timeout, env=env, cwd=REPO)
 
     def metrics(self) -> dict[str, float]:
         """``/metrics`` as {series: value}, labels stripped (one model per server)."""
@@ -97,19 +65,12 @@ class ServerProcess:
                 raise TimeoutError(f"server still busy: {m}")
             time.sleep(0.05)
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """SIGTERM, then wait; returns the exit status (kills on timeout).
 
         uvicorn shuts down gracefully and then re-raises the signal, so a clean stop reads -15.
         """
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return super().stop(sig, timeout)
 
 
 def stop_and_check(server: ServerProcess) -> None:

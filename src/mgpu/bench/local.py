@@ -52,14 +52,25 @@ def layout_label(flags: list[tuple[str, str]]) -> str:
 
 
 class LocalServer:
-    """An ``mgpu serve`` subprocess on a free loopback port.
+    """An ``mgpu serve`` subprocess on a free loopback port, ready once it prints its URL.
+
+    The one start-and-wait of ``mgpu bench --local`` and of the server tests: the process is
+    ``python -m mgpu.serve --port 0 ARGS``, and :attr:`url` is read from its "listening on" line.
 
     Args:
         args: flags after ``python -m mgpu.serve``.
         timeout: seconds to wait for it to listen.
+        env: extra environment variables.
+        cwd: its working directory (None: this process's).
     """
 
-    def __init__(self, args: list[str], timeout: float = 600.0):
+    def __init__(
+        self,
+        args: list[str],
+        timeout: float = 600.0,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ):
         self.lines: list[str] = []
         self.url = ""
         self._ready = threading.Event()
@@ -69,12 +80,13 @@ class LocalServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         threading.Thread(target=self._read, daemon=True).start()
         if not self._ready.wait(timeout) or not self.url:
             self.stop()
-            tail = "".join(self.lines[-15:])
+            tail = "".join(self.lines[-30:])
             raise MgpuError(f"mgpu serve {shlex.join(args)} did not start:\n{tail}")
 
     def _read(self) -> None:
@@ -87,15 +99,25 @@ class LocalServer:
                 self._ready.set()
         self._ready.set()  # it exited
 
-    def stop(self) -> None:
-        """SIGINT (a clean shutdown of the workers), then SIGKILL after 30 s."""
+    @property
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+        """Send ``sig`` (SIGINT: a clean shutdown of the workers), SIGKILL after ``timeout`` s.
+
+        Returns:
+            The exit status (negative: the signal that ended it).
+        """
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
 
 
 @contextmanager

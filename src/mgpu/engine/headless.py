@@ -182,13 +182,45 @@ def planned_ranks(plan: ResolvedPlan, nnodes: int = 1) -> list[dict[str, object]
     return rows
 
 
-def dry_run(args: EngineArgs) -> int:
+def served_names(
+    served_model_name: str | None, model: str | None, model_path: Path
+) -> tuple[str, tuple[str, ...]]:
+    """The name the server gives the base model and the other names that reach it.
+
+    Args:
+        served_model_name: ``--served-model-name``, if given (default: the directory's name).
+        model: ``--model`` as given.
+        model_path: the resolved model.
+    """
+    name = served_model_name or model_path.name
+    return name, tuple(a for a in (model, str(model_path)) if a and a != name)
+
+
+def dry_run(args: EngineArgs, served_model_name: str | None = None) -> int:
     """Print the per-rank table ``mgpu serve`` would build; read no weights, start no process.
+
+    The LoRA adapters go through the checks a start runs before its workers (the flags, each
+    adapter's config and tensor shapes against the model, its name against the served model's),
+    so a refusal is the one line a start would give.
 
     Args:
         args: the engine settings.
+        served_model_name: ``--served-model-name``, if given.
     """
+    from mgpu.lora.adapter import check_lora, check_served_names
+
     plan = resolve(args)
+    model_name = args.model if args.model is not None else str(plan.model_path)
+    lora_config, adapters = check_lora(
+        plan.model_config,
+        model_name,
+        args.enable_lora,
+        args.lora_modules,
+        args.max_loras,
+        args.max_lora_rank,
+    )
+    name, aliases = served_names(served_model_name, args.model, plan.model_path)
+    check_served_names((a.name for a in adapters), (name, *aliases))
     pc = plan.parallel_config
     dtype = str(plan.dtype).removeprefix("torch.")
     print(
@@ -201,6 +233,13 @@ def dry_run(args: EngineArgs) -> int:
         layers = f"[{start}, {end})"
         mb = row["predicted_param_bytes"] / 1e6  # type: ignore[operator]
         print(f"{row['rank']:>4} {row['node']:>4} {row['device']:<8} {layers:<10} {mb:>22.1f}")
+    for info in adapters:
+        print(
+            f"LoRA adapter {info.name} ({info.path}): rank {info.rank}, {len(info.tensors)} "
+            f"modules; request it as model '{info.name}'"
+        )
+    if lora_config is not None:
+        print(f"LoRA slots per device: {lora_config.max_loras}, rank {lora_config.max_lora_rank}")
     ignored = args.ignored()
     if ignored:
         print(ignored)

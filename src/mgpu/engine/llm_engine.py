@@ -38,11 +38,10 @@ from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
-from mgpu.lora.adapter import AdapterInfo, LoRAConfig, LoRAModule, read_adapter
+from mgpu.lora.adapter import AdapterInfo, LoRAConfig, LoRAModule, check_lora
 from mgpu.lora.slots import SlotTable
 from mgpu.memory import padded_vocab_size
 from mgpu.models.loader import resolve_model_path, safetensors_files
-from mgpu.models.registry import model_class
 from mgpu.sampling import SampleResult, SamplingParams
 
 logger = logging.getLogger("mgpu.engine")
@@ -333,26 +332,8 @@ class LLMEngine:
         max_lora_rank: int,
     ) -> tuple[LoRAConfig | None, list[AdapterInfo]]:
         """Parse and validate the adapters (before any worker starts); None without LoRA."""
-        if not enable_lora:
-            if modules:
-                raise ConfigError("--lora-modules needs --enable-lora (vLLM's rule)")
-            return None, []
-        if not modules:
-            raise ConfigError(
-                "--enable-lora without --lora-modules would serve no adapter: mgpu loads "
-                "adapters at start only (there is no runtime loading endpoint)"
-            )
-        config = LoRAConfig([LoRAModule.parse(m) for m in modules], max_loras, max_lora_rank)
-        cls = model_class(self.model_config)
         name = str(model) if model is not None else str(self.model_path)
-        adapters = [
-            read_adapter(m, cls, self.model_config, max_lora_rank, name) for m in config.modules
-        ]
-        for info in adapters:
-            logger.info(
-                "LoRA adapter %r: rank %d, %d modules", info.name, info.rank, len(info.tensors)
-            )
-        return config, adapters
+        return check_lora(self.model_config, name, enable_lora, modules, max_loras, max_lora_rank)
 
     @property
     def lora_names(self) -> dict[str, int]:

@@ -259,6 +259,8 @@ def resolve_layout(
     ``layer_split`` is taken as it is (a TP size the heads do not divide is fitted with
     :func:`fit_tensor_parallel`); otherwise ``placement="auto"`` picks one with
     :func:`auto_layout` from ``device_memory`` and ``device_speed`` (CPU) or each visible GPU.
+    ``device_speed`` beside a fixed layout, or on CPU without ``device_memory``, is refused: it
+    would be ignored.
 
     Args:
         model: the architecture.
@@ -276,8 +278,19 @@ def resolve_layout(
         raise ConfigError(f"--placement must be auto or manual, got {placement!r}")
     budgets = parse_device_memory(device_memory)
     speeds = parse_device_speed(device_speed)
-    manual = tensor_parallel_size is not None or pipeline_parallel_size is not None
-    manual = manual or layer_split is not None or placement == "manual"
+    fixed = [
+        flag
+        for flag, given in (
+            ("-tp", tensor_parallel_size is not None),
+            ("-pp", pipeline_parallel_size is not None),
+            ("--layer-split", layer_split is not None),
+            ("--placement manual", placement == "manual"),
+        )
+        if given
+    ]
+    manual = bool(fixed)
+    if speeds is not None:
+        _check_speeds_apply(fixed, device, budgets)
     note = None
     if manual:
         pp = pipeline_parallel_size or (len(layer_split) if layer_split else 1)
@@ -313,3 +326,25 @@ def resolve_layout(
                 f"--device-memory lists {len(budgets)} devices but the layout has {world} ranks"
             )
     return Placement(config, budgets if device == "cpu" else None, note)
+
+
+def _check_speeds_apply(fixed: list[str], device: str, budgets: tuple[int, ...] | None) -> None:
+    """Refuse ``--device-speed`` where it would change nothing: it splits the layers of an
+    automatic layout only, and on CPU it speaks of the devices ``--device-memory`` lists.
+
+    Args:
+        fixed: the flags given that fix the layout (``-tp``, ``-pp``, ...).
+        device: ``"cpu"`` or ``"cuda"``.
+        budgets: the parsed ``--device-memory``, if given.
+    """
+    if fixed:
+        flags = " and ".join(fixed)
+        raise ConfigError(
+            f"--device-speed splits the layers of an automatic layout, but {flags} fixes the "
+            f"layout; drop --device-speed, or drop {flags} to let the speeds place the layers"
+        )
+    if device == "cpu" and budgets is None:
+        raise ConfigError(
+            "--device-speed on CPU gives the speed of each device --device-memory lists; "
+            "give --device-memory too (one entry per device)"
+        )

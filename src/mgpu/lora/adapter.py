@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,65 @@ def lora_targets(model_cls: type, config: ModelConfig) -> dict[str, tuple[str, i
                         module.output_sizes[shard],
                     )
     return targets
+
+
+def check_lora(
+    config: ModelConfig,
+    model_name: str,
+    enable_lora: bool,
+    modules: Sequence[str | dict | LoRAModule] | None,
+    max_loras: int,
+    max_lora_rank: int,
+) -> tuple[LoRAConfig | None, list[AdapterInfo]]:
+    """Every check a start runs on the LoRA flags before a worker starts (``mgpu serve`` and
+    ``--dry-run`` alike): the flags agree, the entries parse, each adapter fits the model.
+
+    Args:
+        config: the base model's architecture.
+        model_name: the base model's path or id, for the mismatch messages.
+        enable_lora: ``--enable-lora``.
+        modules: ``--lora-modules`` entries.
+        max_loras: ``--max-loras``.
+        max_lora_rank: ``--max-lora-rank``.
+
+    Returns:
+        The LoRA settings and each adapter checked, or (None, []) without LoRA.
+    """
+    from mgpu.models.registry import model_class
+
+    if not enable_lora:
+        if modules:
+            raise LoRAError("--lora-modules needs --enable-lora (vLLM's rule)")
+        return None, []
+    if not modules:
+        raise LoRAError(
+            "--enable-lora without --lora-modules would serve no adapter: mgpu loads "
+            "adapters at start only (there is no runtime loading endpoint)"
+        )
+    lora_config = LoRAConfig([LoRAModule.parse(m) for m in modules], max_loras, max_lora_rank)
+    cls = model_class(config)
+    adapters = [
+        read_adapter(m, cls, config, max_lora_rank, model_name) for m in lora_config.modules
+    ]
+    for info in adapters:
+        logger.info("LoRA adapter %r: rank %d, %d modules", info.name, info.rank, len(info.tensors))
+    return lora_config, adapters
+
+
+def check_served_names(adapter_names: Iterable[str], model_names: Iterable[str]) -> None:
+    """Refuse an adapter named like the served model: requests for it would reach the base model.
+
+    Args:
+        adapter_names: the ``--lora-modules`` names.
+        model_names: the names the base model answers to (``--served-model-name``, aliases).
+    """
+    clash = sorted(set(adapter_names) & set(model_names))
+    if clash:
+        raise LoRAError(
+            f"LoRA adapter name '{clash[0]}' is also the served model's name: requests for "
+            "it would reach the base model; rename the adapter in --lora-modules or set "
+            "--served-model-name"
+        )
 
 
 def read_adapter(

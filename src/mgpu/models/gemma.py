@@ -22,14 +22,17 @@ import torch
 from torch import nn
 
 from mgpu.config import ModelConfig
-from mgpu.layers.attention import AttentionMetadata
 from mgpu.layers.norm import GemmaRMSNorm, RMSNorm
-from mgpu.models.base import CausalLM, Rope
-from mgpu.models.llama import LlamaAttention, LlamaMLP
+from mgpu.models.base import CausalLM
+from mgpu.models.llama import LlamaDecoderLayer
 
 
-class GemmaDecoderLayer(nn.Module):
-    """A Gemma 2/3 decoder layer, the residual carried separately like the Llama layer's.
+class GemmaDecoderLayer(LlamaDecoderLayer):
+    """A Gemma 2/3 decoder layer: the Llama layer with (1 + weight) norms and a norm after each
+    block as well as before it.
+
+    Its checkpoints name the norm after attention ``post_attention_layernorm`` (Llama's name for
+    the norm before the MLP), the one before the MLP ``pre_feedforward_layernorm``.
 
     Args:
         config: the architecture.
@@ -38,29 +41,22 @@ class GemmaDecoderLayer(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, layer: int, qk_norm: type[RMSNorm] | None = None):
-        super().__init__()
+        super().__init__(config, layer, qk_norm, norm_class=GemmaRMSNorm)
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.attention_type = config.attention_type(layer)
-        self.self_attn = LlamaAttention(config, layer, qk_norm)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = GemmaRMSNorm(h, eps)
-        self.post_attention_layernorm = GemmaRMSNorm(h, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
 
-    def forward(
-        self,
-        rope: Rope,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        meta: AttentionMetadata,
+    def attention_out(
+        self, h: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (layer output before its residual add, running residual), both (T, h)."""
-        h, residual = self.input_layernorm(x, residual)
-        h, _ = self.post_attention_layernorm(self.self_attn(rope, h, meta))
-        h, residual = self.pre_feedforward_layernorm(h, residual)
-        h, _ = self.post_feedforward_layernorm(self.mlp(h))
-        return h, residual
+        """Norm the attention output on its own, then the pre-MLP norm with the residual add."""
+        h, _ = self.post_attention_layernorm(h)
+        return self.pre_feedforward_layernorm(h, residual)
+
+    def mlp_out(self, h: torch.Tensor) -> torch.Tensor:
+        """Norm the MLP output (T, h) before its residual add."""
+        h, _ = self.post_feedforward_layernorm(h)
+        return h
 
 
 class Gemma2ForCausalLM(CausalLM):

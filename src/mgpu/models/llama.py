@@ -132,13 +132,18 @@ def make_mlp(
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder layer with the residual carried separately (fused into the next norm).
 
+    The forward is every family's: norm, attention, :meth:`attention_out` (the residual add and
+    the norm before the MLP), MLP, :meth:`mlp_out`. A family with other norms around the two
+    blocks (Gemma's sandwich) overrides those two methods and nothing else.
+
     Args:
         config: the architecture.
         layer: global index of the layer.
-        qk_norm: per-head q/k norm of the attention (Qwen3), if any.
+        qk_norm: per-head q/k norm of the attention (Qwen3, Gemma 3), if any.
         mlp_name: attribute (and checkpoint) name of the MLP: ``mlp``, or Mixtral's
             ``block_sparse_moe``.
         expert_names: checkpoint names of an expert's gate, up and down projections.
+        norm_class: the layer norms' class (Gemma's adds one to its weight).
     """
 
     def __init__(
@@ -148,14 +153,15 @@ class LlamaDecoderLayer(nn.Module):
         qk_norm: type[RMSNorm] | None = None,
         mlp_name: str = "mlp",
         expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        norm_class: type[RMSNorm] = RMSNorm,
     ):
         super().__init__()
         self.attention_type = config.attention_type(layer)
         self.self_attn = LlamaAttention(config, layer, qk_norm)
         self.mlp_name = mlp_name
         self.add_module(mlp_name, make_mlp(config, layer, expert_names))
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = norm_class(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm_class(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -166,9 +172,19 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (layer output before its residual add, running residual), both (T, h)."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(rope, h, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return getattr(self, self.mlp_name)(h), residual
+        h, residual = self.attention_out(self.self_attn(rope, h, meta), residual)
+        return self.mlp_out(getattr(self, self.mlp_name)(h)), residual
+
+    def attention_out(
+        self, h: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention output (T, h) -> (MLP input, running residual): the pre-MLP norm, fused with
+        the residual add."""
+        return self.post_attention_layernorm(h, residual)
+
+    def mlp_out(self, h: torch.Tensor) -> torch.Tensor:
+        """MLP output (T, h) -> layer output (T, h): as it is."""
+        return h
 
 
 class LlamaForCausalLM(CausalLM):
