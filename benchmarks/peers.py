@@ -144,6 +144,14 @@ def wait_ready(proc: subprocess.Popen, url: str, name: str) -> None:
     raise RuntimeError(f"{name} did not answer within 300 s")
 
 
+def launch_server(name: str, cmd: list[str], port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a peer's server (``cmd``, listening on ``port``) and wait until it answers."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url, name)
+    return proc, url
+
+
 def start_llama_server(
     binary: str, gguf: Path, threads: int, slots: int
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -155,10 +163,7 @@ def start_llama_server(
         *("--threads", str(threads), "--threads-batch", str(threads)),
         *("--parallel", str(slots), "--ctx-size", str(512 * slots), "--alias", "peer"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url, "llama-server")
-    return proc, url
+    return launch_server("llama-server", cmd, port)
 
 
 def start_llama(python: str, gguf: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -169,10 +174,7 @@ def start_llama(python: str, gguf: Path, threads: int) -> tuple[subprocess.Popen
         *("--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096"),
         *("--model_alias", "peer"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url, "llama_cpp.server")
-    return proc, url
+    return launch_server("llama_cpp.server", cmd, port)
 
 
 def eos_bias(path: Path) -> dict:
