@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT / "tests" / "quant"))
 # A test helper: GGUF files in llama.cpp converter layout.
 from gguf_files import T, write_gguf
 
-GGUF_TYPES = {"float32": T.F32, "float16": T.F16}
+GGUF_TYPES = {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16}
 
 
 @dataclass
@@ -349,7 +349,7 @@ def main() -> None:
     """Run every engine on every model and dtype, then write the table and plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["demo", "llama-140m"])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
     parser.add_argument("--engines", nargs="+", default=["mgpu", "transformers", "llama.cpp"])
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary (preferred)")
     parser.add_argument("--llama-python", help="python of a venv with llama-cpp-python[server]")
