@@ -303,11 +303,8 @@ class DecodeGraphs:
         slots: list[int] = []
         tables: list[int] = []
         for chunk in chunks:
+            chunk.check_positions(self.max_positions)
             pos = chunk.start_pos
-            if pos >= self.max_positions:
-                raise ValueError(
-                    f"position {pos} is beyond the model's {self.max_positions} positions"
-                )
             row = chunk.block_table[: pos // bs + 1]
             ids.append(chunk.token_ids[0])
             positions.append(pos)

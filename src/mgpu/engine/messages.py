@@ -32,6 +32,12 @@ class SeqChunk:
     sample: bool
     lora_id: int = 0
 
+    def check_positions(self, max_positions: int) -> None:
+        """Refuse a chunk reaching past the model's ``max_position_embeddings`` (ValueError)."""
+        last = self.start_pos + len(self.token_ids) - 1
+        if last >= max_positions:
+            raise ValueError(f"position {last} is beyond the model's {max_positions} positions")
+
 
 @dataclass
 class StepInput:

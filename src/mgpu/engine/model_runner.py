@@ -491,11 +491,8 @@ def step_tensors(
         start = len(ids)
         n = len(chunk.token_ids)
         ids.extend(chunk.token_ids)
+        chunk.check_positions(max_positions)
         pos = range(chunk.start_pos, chunk.start_pos + n)
-        if pos.stop > max_positions:
-            raise ValueError(
-                f"position {pos.stop - 1} is beyond the model's {max_positions} positions"
-            )
         positions.extend(pos)
         table = chunk.block_table
         slots.extend(table[p // bs] * bs + p % bs for p in pos)
