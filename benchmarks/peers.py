@@ -3,13 +3,14 @@
 Question: on this machine, which engine decodes one stream fastest, which serves 8 and 32
 clients best, and how close does each get to the memory-bandwidth limit? Per model and dtype:
 
-- **mgpu**: ``python -m mgpu.serve`` with the settings a user gets without flags (plus
-  ``--mgpu-flags``), loaded through HTTP by ``mgpu bench``'s own client.
+- **mgpu**: ``python -m mgpu.serve`` (``mgpu bench``'s ``LocalServer``) with the settings a user
+  gets without flags (plus ``--mgpu-flags``), loaded through HTTP by ``mgpu bench``'s own client.
 - **llama.cpp**: llama.cpp's own ``llama-server`` (``--llama-server``: one slot per client of the
   largest level, continuous batching), or else llama-cpp-python's ``llama_cpp.server``
   (``--llama-python``, which serves one request at a time, so its 8- and 32-client rows show a
   queue), on a GGUF written from the same random HF weights (``tests/quant/gguf_files.py``,
-  llama.cpp's converter layout), F32 or F16, with the same thread count, loaded by the same client.
+  llama.cpp's converter layout), F32, F16 or BF16, with the same thread count, loaded by the same
+  client.
 - **transformers**: ``generate()`` in this process, static batches of 8 and 32 prompts (left
   padded), its TTFT the time of a one-token ``generate()`` of the batch.
 
@@ -40,13 +41,11 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shlex
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,7 @@ import torch
 
 from common import ROOT, machine_line, markers, write_section
 from decode_speed import make_big_model, memory_bandwidth_gbs, weight_bytes_read
+from mgpu.bench.local import LocalServer
 from mgpu.bench.runner import LevelRun, run_level
 from mgpu.bench.workload import synthetic_requests
 from mgpu.models.loader import demo_model_path
@@ -92,23 +92,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mgpu(model: Path, dtype: str, flags: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """``python -m mgpu.serve`` on a free port; returns the process and its URL."""
-    cmd = [
-        *(sys.executable, "-m", "mgpu.serve", "--device", "cpu", "--port", "0"),
-        *("--model", str(model), "--dtype", dtype, "--max-model-len", "512"),
-        *flags,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = re.search(r"listening on (http://\S+)", line)
-        if match:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep it drained
-            return proc, match.group(1)
-    raise RuntimeError(f"mgpu serve exited with status {proc.wait()}")
-
-
 def llama_problem(args: argparse.Namespace) -> str | None:
     """Why llama.cpp cannot run (None when it can): ``--llama-server`` must be an executable,
     ``--llama-python`` an interpreter importing ``llama_cpp.server``."""
@@ -128,28 +111,23 @@ def llama_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def wait_ready(proc: subprocess.Popen, url: str, name: str) -> None:
-    """Poll ``url``/v1/models until it answers 200; the server's exit or 300 s is an error."""
+def launch_server(name: str, cmd: list[str], port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a peer's server (``cmd``, listening on ``port``) and poll its /v1/models until it
+    answers 200; its exit or 300 s without an answer is an error."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with status {proc.returncode}")
         try:
             if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
+                return proc, url
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"{name} did not answer within 300 s")
-
-
-def launch_server(name: str, cmd: list[str], port: int) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a peer's server (``cmd``, listening on ``port``) and wait until it answers."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url, name)
-    return proc, url
 
 
 def start_llama_server(
@@ -379,11 +357,16 @@ def main() -> None:
                     if engine == "transformers":
                         measure_transformers(row, path, args)
                     elif engine == "mgpu":
-                        proc, url = start_mgpu(path, dtype, args.mgpu_flags)
+                        server = LocalServer(
+                            [
+                                *("--device", "cpu", "--model", str(path), "--dtype", dtype),
+                                *("--max-model-len", "512", *args.mgpu_flags),
+                            ]
+                        )
                         try:
-                            measure_server(row, url, str(path), args)
+                            measure_server(row, server.url, str(path), args)
                         finally:
-                            stop(proc)
+                            server.stop()
                     elif problem is not None:
                         row.note = problem
                     else:
