@@ -110,7 +110,8 @@ def engine_rate(path: Path, tokens: int = 64) -> float:
 #: ``LLM`` keyword arguments and the environment its workers start with. On a machine whose
 #: workers share the engine's cores the defaults already wait passively (``OMP_WAIT_POLICY``
 #: given here wins, see ``engine.worker.launch``); ``cpu_reserved_cores=1`` is the default
-#: before 2026-12-02 on 2 cores.
+#: before 2026-12-02 on 2 cores; ``MGPU_CPU_ONEDNN=0`` is ``F.linear`` (MKL) for every product, as
+#: until oneDNN took CPU products over on 2026-12-02 (``layers.matmul``).
 SETTINGS: dict[str, tuple[dict, dict[str, str]]] = {
     "defaults": ({}, {}),
     "OMP_WAIT_POLICY=ACTIVE": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),
@@ -118,6 +119,7 @@ SETTINGS: dict[str, tuple[dict, dict[str, str]]] = {
     "cpu_reserved_cores=1, PASSIVE": ({"cpu_reserved_cores": 1}, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "cpu_reserved_cores=0": ({"cpu_reserved_cores": 0}, {}),
     "compile=True": ({"compile_decode": True}, {}),
+    "MGPU_CPU_ONEDNN=0": ({}, {"MGPU_CPU_ONEDNN": "0"}),
 }
 
 

@@ -1,6 +1,11 @@
-"""The dense product's CPU float16 path against float32 arithmetic on the same weights."""
+"""The dense product's CPU paths (oneDNN on reordered and plain weights, float16 in float32
+blocks) against ``F.linear`` in float32 on the same weights."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,9 +40,53 @@ def test_blocks_cover_every_output_row(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(dense_linear(x, w, b), want, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_other_dtypes_are_plain_linear(dtype: torch.dtype) -> None:
+needs_onednn = pytest.mark.skipif(not matmul.ONEDNN, reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", matmul.PACKED_DTYPES)
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("rows", [0, 1, 5, 33])
+def test_onednn_matches_float32_linear(dtype: torch.dtype, packed: bool, rows: int) -> None:
+    """Reordered and plain weights, with a bias and a strided (column-sliced) input."""
     torch.manual_seed(2)
-    w = torch.randn(40, 24).to(dtype)
-    x = torch.randn(8, 24).to(dtype)
-    assert torch.equal(dense_linear(x, w), F.linear(x, w))
+    w = (torch.randn(70, 24) * 0.1).to(dtype)
+    b = torch.randn(70).to(dtype)
+    x = torch.randn(rows, 48).to(dtype)[:, ::2]
+    weight = matmul.cpu_packed_weight(w) if packed else w
+    assert weight is not None and weight.is_mkldnn == packed
+    got = dense_linear(x, weight, b)
+    want = F.linear(x.float(), w.float(), b.float())
+    assert got.dtype == dtype and got.shape == (rows, 70)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    batched = dense_linear(x.reshape(1, rows, 24), weight, b)
+    torch.testing.assert_close(batched[0].float(), want, atol=tol, rtol=tol)
+
+
+@needs_onednn
+def test_packing_keeps_values_and_skips_other_dtypes() -> None:
+    w = torch.randn(16, 8)
+    packed = matmul.cpu_packed_weight(w)
+    assert packed is not None and packed.shape == w.shape
+    assert torch.equal(packed.to_dense(), w)
+    assert matmul.cpu_packed_weight(w.half()) is None
+
+
+def test_switched_off_everything_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MGPU_CPU_ONEDNN=0`` (read at import into ``ONEDNN``): plain weights, ``F.linear``."""
+    monkeypatch.setattr(matmul, "ONEDNN", False)
+    torch.manual_seed(3)
+    for dtype in matmul.PACKED_DTYPES:
+        w = torch.randn(40, 24).to(dtype)
+        x = torch.randn(8, 24).to(dtype)
+        assert matmul.cpu_packed_weight(w) is None
+        assert torch.equal(dense_linear(x, w), F.linear(x, w))
+
+
+def test_environment_switch_is_read() -> None:
+    """A worker started with ``MGPU_CPU_ONEDNN=0`` sees oneDNN off (the probe reads it)."""
+    code = "from mgpu.layers import matmul; print(matmul.ONEDNN)"
+    env = {**os.environ, "MGPU_CPU_ONEDNN": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -6,6 +6,7 @@ CUDA (NCCL); only the device and the collective backend differ.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -36,6 +37,7 @@ from mgpu.layers.attention import (
     PrefillBatch,
     window_metadata,
 )
+from mgpu.layers.matmul import keep_plain_weights
 from mgpu.layers.moe import expert_parallel
 from mgpu.layers.quantization import quant_config_for, quantization_scope
 from mgpu.memory import kv_bytes_per_token
@@ -116,7 +118,8 @@ class ModelRunner:
                 self.model = cls(model_config, self.layer_range, self.is_first, self.is_last)
         finally:
             torch.set_default_dtype(previous)
-        load_weights(self.model, model_path, progress=rank == 0)
+        with keep_plain_weights() if compile_decode else contextlib.nullcontext():
+            load_weights(self.model, model_path, progress=rank == 0)
         self.model.eval()
         # Decode steps are the steady state and all look alike (one token per sequence), so they
         # are what compilation pays off on: one fused graph instead of ~40 kernels per layer,

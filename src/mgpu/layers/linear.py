@@ -34,7 +34,7 @@ from torch import nn
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce
 from mgpu.errors import ModelLoadError
-from mgpu.layers.matmul import dense_linear
+from mgpu.layers.matmul import cpu_packed_weight, dense_linear
 from mgpu.layers.quantization.base import (
     LinearMethodBase,
     QuantizationConfig,
@@ -133,10 +133,17 @@ class UnquantizedLinearMethod(LinearMethodBase):
         offset, _, rows = layer.shard_rows(shard_id)
         _copy(param[offset : offset + rows], layer.read_shard(loaded, shard_id, param))
 
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        """On CPU, reorder the loaded weight for oneDNN (same values and bytes; see
+        :mod:`mgpu.layers.matmul`)."""
+        packed = cpu_packed_weight(layer.weight)
+        if packed is not None:
+            layer.weight = nn.Parameter(packed, requires_grad=False)
+
     def apply(
         self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The float shard's product (``F.linear``; float16 on CPU see ``dense_linear``)."""
+        """The float shard's product (:func:`~mgpu.layers.matmul.dense_linear`)."""
         return dense_linear(x, layer.weight, bias)
 
 

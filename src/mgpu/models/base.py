@@ -102,6 +102,7 @@ class CausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
             if config.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
+                self.lm_head.tied = True
 
     # ---- forward ------------------------------------------------------------------------------
 
