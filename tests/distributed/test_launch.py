@@ -56,8 +56,10 @@ def test_workers_on_the_engines_cores_wait_passively(monkeypatch: pytest.MonkeyP
     from mgpu import LLM
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     with LLM(device="cpu", cpu_reserved_cores=0, max_model_len=128) as llm:
-        assert _worker_env(llm).get("OMP_WAIT_POLICY") == "PASSIVE"
+        env = _worker_env(llm)
+        assert env.get("OMP_WAIT_POLICY") == "PASSIVE" and env.get("GOMP_SPINCOUNT") == "3000"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with LLM(device="cpu", cpu_reserved_cores=0, max_model_len=128) as llm:
         assert _worker_env(llm).get("OMP_WAIT_POLICY") == "ACTIVE"
