@@ -18,7 +18,7 @@ from torch import nn
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce, tp_gather_last_dim
 from mgpu.layers.linear import LazyTensor, _copy, check_shape
-from mgpu.layers.matmul import cpu_packed_weight, dense_linear
+from mgpu.layers.matmul import dense_linear, pack_module_weight
 from mgpu.memory import padded_vocab_size
 
 
@@ -68,9 +68,8 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def process_weights_after_loading(self) -> None:
         """On CPU, reorder an untied head's weight for oneDNN (see :mod:`mgpu.layers.matmul`)."""
-        packed = None if self.tied else cpu_packed_weight(self.weight)
-        if packed is not None:
-            self.weight = nn.Parameter(packed, requires_grad=False)
+        if not self.tied:
+            pack_module_weight(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """(tokens, hidden) -> (tokens, vocab) float32 logits on TP rank 0, None on other ranks."""

@@ -34,7 +34,7 @@ from torch import nn
 from mgpu.distributed import parallel_state as ps
 from mgpu.distributed.communication import tp_all_reduce
 from mgpu.errors import ModelLoadError
-from mgpu.layers.matmul import cpu_packed_weight, dense_linear
+from mgpu.layers.matmul import dense_linear, pack_module_weight
 from mgpu.layers.quantization.base import (
     LinearMethodBase,
     QuantizationConfig,
@@ -136,9 +136,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         """On CPU, reorder the loaded weight for oneDNN (same values and bytes; see
         :mod:`mgpu.layers.matmul`)."""
-        packed = cpu_packed_weight(layer.weight)
-        if packed is not None:
-            layer.weight = nn.Parameter(packed, requires_grad=False)
+        pack_module_weight(layer)
 
     def apply(
         self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -52,6 +52,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 #: Rows from which CPU float16 products take the blocked float32 path (at 4 rows it already won
 #: in all three shapes measured above; at 2 it lost on the narrow one).
@@ -120,6 +121,14 @@ def cpu_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def pack_module_weight(module: nn.Module) -> None:
+    """Replace ``module.weight`` by its reordered copy where :func:`cpu_packed_weight` gives one
+    (the linears' and an untied LM head's ``process_weights_after_loading``)."""
+    packed = cpu_packed_weight(module.weight)
+    if packed is not None:
+        module.weight = nn.Parameter(packed, requires_grad=False)
 
 
 def dense_linear(
