@@ -17,15 +17,21 @@ from mgpu.layers.matmul import FP16_UPCAST_MIN_ROWS, dense_linear
 
 @pytest.mark.parametrize("rows", [1, FP16_UPCAST_MIN_ROWS - 1, FP16_UPCAST_MIN_ROWS, 33])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp16_matches_float32_arithmetic(rows: int, bias: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_float32_arithmetic(
+    rows: int, bias: bool, dtype: torch.dtype
+) -> None:
+    """float16 always, bfloat16 where this CPU lacks its kernels (UPCAST_DTYPES): the blocked
+    float32 path; otherwise F.linear. Either way float32 arithmetic on the stored values."""
     torch.manual_seed(0)
-    w = (torch.randn(301, 96) * 0.05).half()
-    x = torch.randn(rows, 96).half()
-    b = torch.randn(301).half() if bias else None
+    w = (torch.randn(301, 96) * 0.05).to(dtype)
+    x = torch.randn(rows, 96).to(dtype)
+    b = torch.randn(301).to(dtype) if bias else None
     want = F.linear(x.float(), w.float(), None if b is None else b.float())
     got = dense_linear(x, w, b)
-    assert got.dtype == torch.float16 and got.shape == (rows, 301)
-    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+    assert got.dtype == dtype and got.shape == (rows, 301)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
 def test_blocks_cover_every_output_row(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,6 +77,13 @@ def test_packing_keeps_values_and_skips_other_dtypes() -> None:
     assert packed is not None and packed.shape == w.shape
     assert torch.equal(packed.to_dense(), w)
     assert matmul.cpu_packed_weight(w.half()) is None
+    # bfloat16 is reordered only where oneDNN has its kernels; elsewhere it stays plain
+    # (F.linear), and the reorder that would have failed is never tried.
+    bf16 = matmul.cpu_packed_weight(w.bfloat16())
+    assert (bf16 is not None) == (torch.bfloat16 in matmul.PACKED_DTYPES)
+    x = torch.randn(3, 8)
+    got = dense_linear(x.bfloat16(), w.bfloat16() if bf16 is None else bf16)
+    torch.testing.assert_close(got.float(), F.linear(x, w), atol=0.1, rtol=0.05)
 
 
 def test_switched_off_everything_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
