@@ -10,6 +10,14 @@ import torch
 from tests.helpers import make_model
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the CPU paged-attention kernel before any test runs (a fresh machine takes about a
+    minute, once), so that no test's server start-up timeout includes the build."""
+    from mgpu.layers import paged_kernel
+
+    paged_kernel.kernel()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu``-marked tests cleanly on machines without CUDA."""
     if torch.cuda.is_available():

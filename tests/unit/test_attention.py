@@ -2,18 +2,22 @@
 
 The reference is the path the engine used before: for each sequence on its own, gather its keys
 and values token by token from the cache through its block table, and attend with a causal mask
-offset by its start position (window, soft cap and grouped heads applied densely).
+offset by its start position (window, soft cap and grouped heads applied densely). On CPU, decode
+runs both ways: through the compiled kernel that reads the cache in place (the default) and
+through the PyTorch gather path it replaces (``MGPU_CPU_PAGED_KERNEL=0``).
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from mgpu.engine.messages import SeqChunk
 from mgpu.engine.model_runner import step_tensors
+from mgpu.layers import paged_kernel
 from mgpu.layers.attention import PagedAttention
 
 BLOCK = 4
@@ -89,15 +93,82 @@ STEPS = [
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.fixture(params=["kernel", "gather"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Decode through the in-place CPU kernel, or through the gather path (the kernel off); the
+    other path is made to fail, so a test cannot pass on the wrong one."""
+    if request.param == "kernel":
+        assert paged_kernel.kernel() is not None, "the CPU paged-attention kernel did not build"
+
+        def refuse(*_: object) -> None:
+            raise AssertionError("decode took the gather path")
+
+        monkeypatch.setattr(PagedAttention, "_decode_gathered", refuse)
+    else:
+        monkeypatch.setenv("MGPU_CPU_PAGED_KERNEL", "0")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, None), (None, 3.0), (6, 2.0)])
 def test_paged_attention_matches_gather_path(
-    dtype: torch.dtype, window: int | None, softcap: float | None
+    dtype: torch.dtype, window: int | None, softcap: float | None, decode_path: str
 ) -> None:
     run_steps(dtype, CPU, window, softcap, STEPS)
 
 
-def test_single_fresh_prompt_and_padding() -> None:
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(4, 4, 64), (8, 1, 128), (6, 2, 80), (2, 1, 8)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_the_gather_path_it_replaces(
+    heads: int, kv_heads: int, dim: int, dtype: torch.dtype
+) -> None:
+    """The kernel against :meth:`PagedAttention._decode_gathered` on the same step: head widths
+    with their own compiled loops (64, 128) and without (80, 8), grouped and plain heads, contexts
+    ending mid-block and at a block's end, tables padded to the longest, a window."""
+    kernel = paged_kernel.kernel()
+    assert kernel is not None
+    torch.manual_seed(1)
+    for window in (None, 7):
+        attn = PagedAttention(heads, kv_heads, dim, sliding_window=window)
+        attn.kv_cache = torch.randn(attn.cache_shape(40, BLOCK, kv_heads, dim)).to(dtype)
+        blocks = list(range(40))
+        random.Random(1).shuffle(blocks)
+        contexts = [1, 4, 9, 30]  # tokens already cached before this step's one
+        chunks = [
+            SeqChunk(i, [3], ctx, blocks[i * 9 : (i + 1) * 9], True)
+            for i, ctx in enumerate(contexts)
+        ]
+        _, _, meta = step_tensors(chunks, BLOCK, 1024, window, CPU)
+        q = torch.randn(len(contexts), heads, dim).to(dtype)
+        expected = attn._decode_gathered(q, meta)
+        got = attn._decode(q, meta)
+        assert got.dtype == dtype and got.shape == expected.shape
+        atol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=atol)
+
+
+def test_kernel_build_failure_keeps_the_gather_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A machine that cannot build the kernel gets a warning saying what to do, and None."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error this build fails\n")
+    monkeypatch.setattr(paged_kernel, "SOURCE", broken)
+    monkeypatch.setattr(paged_kernel, "NAME", "mgpu_paged_decode_cpu_broken")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    with caplog.at_level("WARNING", logger="mgpu.layers.paged_kernel"):
+        assert paged_kernel._build.__wrapped__() is None
+    assert "gathers the cache instead" in caplog.text and "g++" in caplog.text
+
+
+def test_kernel_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MGPU_CPU_PAGED_KERNEL", "0")
+    assert paged_kernel.kernel() is None
+
+
+def test_single_fresh_prompt_and_padding(decode_path: str) -> None:
     """One prompt alone (SDPA's causal mode), one cut by its window, spans padded to the
     longest, and a one-token prompt (prefill of one token)."""
     run_steps(torch.float32, CPU, None, None, [[(0, 0, 9)], [(1, 0, 1), (2, 0, 13)]])

@@ -31,6 +31,7 @@ from mgpu.engine.cuda_graph import (
 )
 from mgpu.engine.forward_context import ForwardContext, LoRAMapping, set_forward_context
 from mgpu.engine.messages import SeqChunk, StepInput
+from mgpu.layers import paged_kernel
 from mgpu.layers.attention import (
     AttentionMetadata,
     PagedAttention,
@@ -127,6 +128,8 @@ class ModelRunner:
         # prefill stay eager: their padded shapes change from step to step.
         self._decode_model = torch.compile(self.model, dynamic=True) if compile_decode else None
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        if device.type == "cpu":  # loaded now, not in the first step
+            paged_kernel.kernel()
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.sampler = Sampler(model_config.vocab_size, device) if self.is_output_rank else None
@@ -487,6 +490,7 @@ def step_tensors(
     slots: list[int] = []
     decode_idx: list[int] = []
     decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
     prefill_idx: list[list[int]] = []
     prefill_tables: list[list[int]] = []
     prefill_ctx: list[int] = []
@@ -502,6 +506,7 @@ def step_tensors(
         if n == 1 and chunk.start_pos > 0:
             decode_idx.append(start)
             decode_tables.append(table)
+            decode_lens.append(chunk.start_pos + 1)
         else:
             prefill_idx.append(list(range(start, start + n)))
             prefill_tables.append(table[: blocks_for_tokens(pos.stop, bs)])
@@ -513,6 +518,7 @@ def step_tensors(
         meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
         meta.decode_num_keys = width * bs
         meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=device)
+        meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
         meta.all_decode = not prefill_idx
     if prefill_idx:
         meta.prefills = _prefill_batches(prefill_idx, prefill_tables, prefill_ctx, device)

@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache, in plain PyTorch (the same code on CPU and CUDA).
+"""Attention over a paged KV cache, in PyTorch on CPU and CUDA (decode on CPU: a compiled kernel).
 
 The cache of one layer on one rank is one tensor of shape (2, kv_heads, num_blocks, block_size, d):
 keys then values, each head's blocks side by side. A sequence owns a list of blocks (its block
@@ -10,7 +10,9 @@ with no further copy, and only the blocks the sequences own are read (padded to 
 
 Each step's tokens are flattened across sequences: (tokens, heads, head_dim). Sequences feeding one
 token (decode) are batched into one pair of matmuls over their blocks, grouped query heads sharing
-their KV head's keys. Sequences feeding several (prefill, or a chunk of one) are batched into
+their KV head's keys; on CPU a compiled kernel (:mod:`mgpu.layers.paged_kernel`) instead follows
+the block tables itself and reads each key and value once, where they lie, with no copy.
+Sequences feeding several (prefill, or a chunk of one) are batched into
 scaled-dot-product calls, each over spans of similar length padded to the longest, each span with
 a causal mask offset by what it has cached already.
 """
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mgpu.layers import paged_kernel
 
 
 @dataclass
@@ -53,6 +57,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int64, padded with block 0
     decode_num_keys: int = 0  # max_blocks * block_size
     decode_bias: torch.Tensor | None = None  # (B, 1, keys) float32: 0 (visible) or -inf
+    decode_context_lens: torch.Tensor | None = None  # (B,) int64: keys up to and incl. the new
     all_decode: bool = False  # every token of the step is a decode token (skip the index ops)
     prefills: list[PrefillBatch] = field(default_factory=list)  # prefilling sequences, batched
 
@@ -183,6 +188,27 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (B, heads, d) -> (B, heads, d), one new token per sequence, against its blocks.
+
+        On CPU the compiled kernel of :mod:`mgpu.layers.paged_kernel` reads the blocks in place
+        (not inside ``torch.compile``, which cannot trace it); elsewhere :meth:`_decode_gathered`.
+        """
+        kernel = paged_kernel.kernel() if q.device.type == "cpu" else None
+        lens = meta.decode_context_lens
+        if kernel is None or lens is None or torch.compiler.is_compiling():
+            return self._decode_gathered(q, meta)
+        assert meta.decode_block_tables is not None
+        return kernel.paged_decode(
+            q.contiguous(),
+            self.kv_cache,
+            meta.decode_block_tables,
+            lens,
+            self.scale,
+            self.softcap or 0.0,
+            self.sliding_window or 0,
+        )
+
+    def _decode_gathered(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """:meth:`_decode` from one copy of the sequences' blocks (:meth:`gather`).
 
         Two matmuls batched over (kv_heads, B), each KV head's query group its rows: on CPU they
         are 1.2-1.5x faster than SDPA over the same keys (its flash kernel is tuned for long

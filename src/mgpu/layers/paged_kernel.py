@@ -1,0 +1,63 @@
+"""The CPU decode-attention kernel that reads the paged KV cache in place (``csrc/``).
+
+PyTorch has no matmul that follows a block table, so the plain path
+(:meth:`PagedAttention.gather` and two batched matmuls) copies every decoding sequence's blocks
+out of the cache for every layer and then reads the copy. On CPU that copy was a fifth of a
+one-sequence decode step. ``csrc/paged_decode_cpu.cpp`` walks each sequence's block table itself
+(one task per sequence and KV head, float32 scores and softmax), so each key and value is read
+once and only the output is written.
+
+It is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, with
+``-march=native`` since it is built where it runs) and cached under
+``~/.cache/torch_extensions``, so a machine pays the ~30-60 s build once. Without a compiler, or
+with ``MGPU_CPU_PAGED_KERNEL=0`` in the environment, decode attention keeps the plain PyTorch
+path, which computes the same attention (tests/unit/test_paged_kernel.py compares them).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
+#: The extension's name; torch rebuilds it by itself when the source or the flags change.
+NAME = "mgpu_paged_decode_cpu"
+
+
+def kernel() -> ModuleType | None:
+    """The compiled kernel module (built on the first call of a machine), or None when
+    ``MGPU_CPU_PAGED_KERNEL=0`` turns it off or it cannot be built (the reason is logged once)."""
+    if os.environ.get("MGPU_CPU_PAGED_KERNEL", "1") == "0":
+        return None
+    return _build()
+
+
+@functools.cache
+def _build() -> ModuleType | None:
+    try:
+        from torch.utils.cpp_extension import get_default_build_root
+        from torch.utils.cpp_extension import load as load_extension
+
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+        if not (root / NAME / f"{NAME}.so").exists():
+            log.info("building the CPU paged-attention kernel (once per machine, about a minute)")
+        return load_extension(
+            name=NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no headers, a failed build: keep the PyTorch path
+        log.warning(
+            "CPU paged-attention kernel unavailable (%s: %s); decode attention gathers the cache "
+            "instead (slower). Install a C++ compiler (g++) to build it, or set "
+            "MGPU_CPU_PAGED_KERNEL=0 to silence this.",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        return None
