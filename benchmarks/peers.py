@@ -294,26 +294,49 @@ def render(rows: list[Row], bandwidth: float, weight_bytes: dict, args: argparse
 
 
 def plot(rows: list[Row], clients: list[int], out: Path) -> None:
-    """Bars per engine: single-stream decode and throughput at each client count."""
+    """One row of panels per model (single-stream decode, then each client count), bars grouped
+    by dtype, one colour per engine: the models' speeds differ tenfold, so each gets its own
+    scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measured = [r for r in rows if not r.note]
+    models = list(dict.fromkeys(r.model for r in measured))
+    engines = list(dict.fromkeys(r.engine for r in measured))
     panels = ["decode (1 stream)", *(f"{c} clients" for c in clients)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-    labels = [f"{r.model}\n{r.engine}\n{r.dtype}" for r in measured]
+    fig, axes = plt.subplots(
+        len(models), len(panels), figsize=(4 * len(panels), 3.2 * len(models)), squeeze=False
+    )
     colors = {"mgpu": "#4C72B0", "transformers": "#DD8452", "llama.cpp": "#55A868"}
-    for ax, panel in zip(axes[0], panels, strict=True):
-        if panel.startswith("decode"):
-            values = [r.decode_tps or 0 for r in measured]
-        else:
-            values = [r.throughput.get(int(panel.split()[0]), 0) for r in measured]
-        ax.bar(range(len(values)), values, color=[colors[r.engine] for r in measured])
-        ax.set_xticks(range(len(values)), labels, fontsize=6)
-        ax.set_title(panel)
-        ax.set_ylabel("output tokens/s")
+    width = 0.8 / max(1, len(engines))
+    for row_axes, model in zip(axes, models, strict=True):
+        dtypes = list(dict.fromkeys(r.dtype for r in measured if r.model == model))
+        for ax, panel in zip(row_axes, panels, strict=True):
+            for e, engine in enumerate(engines):
+                values = []
+                for dtype in dtypes:
+                    row = next(
+                        (
+                            r
+                            for r in measured
+                            if (r.model, r.engine, r.dtype) == (model, engine, dtype)
+                        ),
+                        None,
+                    )
+                    if row is None:
+                        values.append(0.0)
+                    elif panel.startswith("decode"):
+                        values.append(row.decode_tps or 0.0)
+                    else:
+                        values.append(row.throughput.get(int(panel.split()[0]), 0.0))
+                xs = [i + (e - (len(engines) - 1) / 2) * width for i in range(len(dtypes))]
+                ax.bar(xs, values, width, color=colors.get(engine), label=engine)
+            ax.set_xticks(range(len(dtypes)), dtypes)
+            ax.set_title(f"{model}: {panel}", fontsize=10)
+            ax.set_ylabel("output tokens/s")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
