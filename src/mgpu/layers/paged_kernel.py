@@ -7,11 +7,12 @@ one-sequence decode step. ``csrc/paged_decode_cpu.cpp`` walks each sequence's bl
 (one task per sequence and KV head, float32 scores and softmax), so each key and value is read
 once and only the output is written.
 
-It is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, with
-``-march=native`` since it is built where it runs) and cached under
-``~/.cache/torch_extensions``, so a machine pays the ~30-60 s build once. Without a compiler, or
+It is compiled on first use through ``torch.utils.cpp_extension`` with the machine's C++ compiler
+and ninja (the ``ninja`` wheel, a dependency, where none is installed), with ``-march=native``
+since it is built where it runs, and cached under ``~/.cache/torch_extensions``: a machine pays
+the 30-60 s build once (the engine builds it before starting its workers). Without a compiler, or
 with ``MGPU_CPU_PAGED_KERNEL=0`` in the environment, decode attention keeps the plain PyTorch
-path, which computes the same attention (tests/unit/test_paged_kernel.py compares them).
+path, which computes the same attention (tests/unit/test_attention.py runs both).
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
-#: The extension's name; torch rebuilds it by itself when the source or the flags change.
-NAME = "mgpu_paged_decode_cpu"
+#: The extension's name; torch rebuilds it by itself when the source or the flags change. It
+#: names the CPU's vector ISA too: a ``-march=native`` build from an AVX-512 machine must not be
+#: loaded from a shared home directory on an AVX2 one.
+NAME = f"mgpu_paged_decode_cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
 
 
 def kernel() -> ModuleType | None:
@@ -43,6 +49,10 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import get_default_build_root
         from torch.utils.cpp_extension import load as load_extension
 
+        if shutil.which("ninja") is None:  # torch builds with ninja; the wheel has the binary
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
         if not (root / NAME / f"{NAME}.so").exists():
             log.info("building the CPU paged-attention kernel (once per machine, about a minute)")
