@@ -59,7 +59,12 @@ def _build() -> ModuleType | None:
         return load_extension(
             name=NAME,
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            # at::parallel_for is OpenMP inlined from ATen's headers: without -fopenmp it runs
+            # on one thread. The libgomp it needs is the one torch has already loaded (same
+            # soname), so the kernel shares torch's thread pool and wait policy. -ffast-math
+            # lets the dot products and exp vectorise; the scores have no infinities or NaNs.
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # no compiler, no headers, a failed build: keep the PyTorch path
