@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# The CPU decode-attention kernel compiles here, once, rather than in a first run.
+	$(BIN)/python -c "from mgpu.layers import paged_kernel; paged_kernel.kernel()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ through the PyTorch gather path it replaces (``MGPU_CPU_PAGED_KERNEL=0``).
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -204,3 +205,14 @@ def test_a_long_prompt_is_not_padded_next_to_short_ones() -> None:
     _, _, meta = step_tensors(chunks, BLOCK, 1024, None, CPU)
     assert [tuple(b.token_idx.shape) for b in meta.prefills] == [(3, 40), (2, 2)]
     assert sorted(torch.cat([b.token_flat for b in meta.prefills]).tolist()) == list(range(83))
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    """A lock left by a process killed mid-build would make every later start wait forever."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not paged_kernel.clear_stale_lock(tmp_path) and lock.exists()
+    old = lock.stat().st_mtime - paged_kernel.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert paged_kernel.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not paged_kernel.clear_stale_lock(tmp_path)

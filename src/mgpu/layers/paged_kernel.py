@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +34,29 @@ SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
 #: names the CPU's vector ISA too: a ``-march=native`` build from an AVX-512 machine must not be
 #: loaded from a shared home directory on an AVX2 one.
 NAME = f"mgpu_paged_decode_cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+#: A build lock older than this is left by a process killed while building (a build takes about a
+#: minute): torch would wait on it forever, so it is removed.
+STALE_LOCK_S = 600.0
+
+
+def clear_stale_lock(build_dir: Path) -> bool:
+    """Remove ``build_dir/lock`` if it is older than :data:`STALE_LOCK_S`; True if removed.
+
+    torch's extension build takes that file while it compiles (and every process that loads the
+    extension takes it briefly); a worker killed meanwhile leaves it behind, and every later
+    start would then hang in torch's wait for it, with no message.
+    """
+    lock = build_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime < STALE_LOCK_S:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning("removed a stale build lock of the CPU paged-attention kernel: %s", lock)
+    return True
 
 
 def kernel() -> ModuleType | None:
@@ -54,6 +78,7 @@ def _build() -> ModuleType | None:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+        clear_stale_lock(root / NAME)
         if not (root / NAME / f"{NAME}.so").exists():
             log.info("building the CPU paged-attention kernel (once per machine, about a minute)")
         return load_extension(
