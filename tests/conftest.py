@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny models' weights are all below the size from which CPU products take oneDNN
+# (mgpu.layers.matmul.ONEDNN_MIN_ELEMENTS); with the threshold at 0, every model test, and the
+# workers it starts (which inherit the environment), runs through the reordered weights that
+# real models use. Set before mgpu is imported, which reads it once.
+os.environ.setdefault("MGPU_CPU_ONEDNN_MIN_ELEMENTS", "0")
 
 import pytest
 import torch

@@ -103,3 +103,26 @@ def test_environment_switch_is_read() -> None:
     env = {**os.environ, "MGPU_CPU_ONEDNN": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@needs_onednn
+def test_small_weights_stay_plain_and_take_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``ONEDNN_MIN_ELEMENTS`` a weight is not reordered and its product is ``F.linear``'s
+    (bit for bit); at the threshold it is reordered (the suite runs with the threshold at 0)."""
+    monkeypatch.setattr(matmul, "ONEDNN_MIN_ELEMENTS", 40 * 24)
+    torch.manual_seed(4)
+    small, large = torch.randn(39, 24), torch.randn(40, 24)
+    x = torch.randn(5, 24)
+    assert matmul.cpu_packed_weight(small) is None
+    assert torch.equal(dense_linear(x, small), F.linear(x, small))
+    packed = matmul.cpu_packed_weight(large)
+    assert packed is not None and packed.is_mkldnn
+    torch.testing.assert_close(dense_linear(x, packed), F.linear(x, large))
+
+
+def test_default_threshold_is_read_from_the_environment() -> None:
+    """A process started without the variable gets the documented default of 2**19."""
+    code = "from mgpu.layers import matmul; print(matmul.ONEDNN_MIN_ELEMENTS)"
+    env = {k: v for k, v in os.environ.items() if k != "MGPU_CPU_ONEDNN_MIN_ELEMENTS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(2**19), out.stderr

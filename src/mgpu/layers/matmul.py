@@ -41,6 +41,27 @@ slower)::
     32000 x 1024 x 32       86.79 ms       28.38 ms       34.40 ms
     4096 x 1024 x 1          0.32 ms        0.81 ms        0.48 ms   (one row: kept as fp16)
 
+**Small weights take ``F.linear``.** A oneDNN product costs some 30 microseconds before it
+multiplies anything, more than the whole product of a small weight: on a 2-core Sapphire Rapids
+Xeon (AVX-512, AMX), 2 threads, float32, microseconds::
+
+    (out, in)      rows    aten   plain  packed
+    512 x 256         1      14      46      43
+    1536 x 256        1      29      57      50
+    1536 x 256       32     167     268     184
+    768 x 768         1      33      93      57
+    768 x 768        32     318     349     192
+    3072 x 768        1     279     344     323
+    3072 x 768       32    1678    1270    1030
+
+So weights of fewer than :data:`ONEDNN_MIN_ELEMENTS` elements stay plain and take ``F.linear``
+(MKL, which multiplies them on one thread with no set-up): with oneDNN off the demo model's
+single-stream decode went from 140 to 210-280 tokens/s, and the small 32-row products above were
+as fast or faster; from 768 x 768
+up the reordered weight wins at 32 rows, and ~140M-parameter models keep every weight but their
+smallest reordered. ``MGPU_CPU_ONEDNN_MIN_ELEMENTS`` in the environment moves the threshold (the
+test suite sets it to 0 so that its tiny models run through the reordered weights).
+
 On CUDA every dtype takes ``F.linear``.
 """
 
@@ -59,6 +80,11 @@ from torch import nn
 FP16_UPCAST_MIN_ROWS = 4
 #: Bytes of one float32 weight block: small enough to stay in cache while it is multiplied.
 _BLOCK_BYTES = 2 * 2**20
+
+
+#: Weights with fewer elements than this take ``F.linear`` on CPU, never oneDNN (see the module
+#: docstring): 2**19 keeps 768 x 768 and every larger weight on oneDNN.
+ONEDNN_MIN_ELEMENTS = int(os.environ.get("MGPU_CPU_ONEDNN_MIN_ELEMENTS", 2**19))
 
 
 def _packed_dtypes() -> tuple[torch.dtype, ...]:
@@ -127,7 +153,7 @@ def keep_plain_weights() -> Iterator[None]:
 def cpu_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight`` (out, in) reordered into oneDNN's layout for :func:`dense_linear`, or None
     where the plain weight is kept (not on CPU, a dtype oneDNN does not multiply fast, oneDNN off,
-    inside :func:`keep_plain_weights`).
+    a weight smaller than :data:`ONEDNN_MIN_ELEMENTS`, inside :func:`keep_plain_weights`).
 
     The reordered tensor holds the same values and as many bytes; it has no strides, so only
     :func:`dense_linear` (and ``to_dense()``) can read it.
@@ -137,6 +163,7 @@ def cpu_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
         or _keep_plain[0]
         or weight.device.type != "cpu"
         or weight.dtype not in PACKED_DTYPES
+        or weight.numel() < ONEDNN_MIN_ELEMENTS
     ):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
@@ -155,17 +182,22 @@ def dense_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x (..., in), weight (out, in) -> (..., out) in x's dtype.
 
-    On CPU: a reordered weight (:func:`cpu_packed_weight`) and a plain float32 one (outside
-    ``torch.compile``'s tracing) go through oneDNN; float16 (and bfloat16 on CPUs without its
-    kernels, :data:`UPCAST_DTYPES`) with at least :data:`FP16_UPCAST_MIN_ROWS` rows multiplies
-    in float32, one cache-sized block of weight rows
-    at a time (see the module docstring).
+    On CPU: a reordered weight (:func:`cpu_packed_weight`) and a plain float32 one of at least
+    :data:`ONEDNN_MIN_ELEMENTS` elements (outside ``torch.compile``'s tracing) go through
+    oneDNN; float16 (and bfloat16 on CPUs without its kernels, :data:`UPCAST_DTYPES`) with at
+    least :data:`FP16_UPCAST_MIN_ROWS` rows multiplies in float32, one cache-sized block of
+    weight rows at a time (see the module docstring).
     """
     if weight.is_mkldnn:
         return _onednn_linear(x, weight, bias)
     if weight.device.type != "cpu":
         return F.linear(x, weight, bias)
-    if weight.dtype == torch.float32 and ONEDNN and not torch.compiler.is_compiling():
+    if (
+        weight.dtype == torch.float32
+        and ONEDNN
+        and weight.numel() >= ONEDNN_MIN_ELEMENTS
+        and not torch.compiler.is_compiling()
+    ):
         return _onednn_linear(x, weight, bias)
     if weight.dtype not in UPCAST_DTYPES or x.numel() < FP16_UPCAST_MIN_ROWS * x.shape[-1]:
         return F.linear(x, weight, bias)
@@ -176,5 +208,11 @@ def dense_linear(
     for start in range(0, out_features, rows):
         end = min(start + rows, out_features)
         block_bias = None if bias is None else bias[start:end].float()
-        out[..., start:end] = dense_linear(x32, weight[start:end].float(), block_bias)
+        block = weight[start:end].float()
+        # A block is a slice of a large weight: oneDNN whatever its size (where it is on).
+        out[..., start:end] = (
+            _onednn_linear(x32, block, block_bias)
+            if ONEDNN and not torch.compiler.is_compiling()
+            else F.linear(x32, block, block_bias)
+        )
     return out
