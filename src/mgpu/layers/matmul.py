@@ -57,10 +57,10 @@ Xeon (AVX-512, AMX), 2 threads, float32, microseconds::
 So weights of fewer than :data:`ONEDNN_MIN_ELEMENTS` elements stay plain and take ``F.linear``
 (MKL, which multiplies them on one thread with no set-up): with oneDNN off the demo model's
 single-stream decode went from 140 to 210-280 tokens/s, and the small 32-row products above were
-as fast or faster; from 768 x 768
-up the reordered weight wins at 32 rows, and ~140M-parameter models keep every weight but their
-smallest reordered. ``MGPU_CPU_ONEDNN_MIN_ELEMENTS`` in the environment moves the threshold (the
-test suite sets it to 0 so that its tiny models run through the reordered weights).
+as fast or faster; from 768 x 768 up the reordered weight wins at 32 rows, and ~140M-parameter
+models keep every weight reordered. ``MGPU_CPU_ONEDNN_MIN_ELEMENTS`` in the environment moves
+the threshold (the test suite sets it to 0 so that its tiny models run through the reordered
+weights).
 
 On CUDA every dtype takes ``F.linear``.
 """
@@ -192,13 +192,8 @@ def dense_linear(
         return _onednn_linear(x, weight, bias)
     if weight.device.type != "cpu":
         return F.linear(x, weight, bias)
-    if (
-        weight.dtype == torch.float32
-        and ONEDNN
-        and weight.numel() >= ONEDNN_MIN_ELEMENTS
-        and not torch.compiler.is_compiling()
-    ):
-        return _onednn_linear(x, weight, bias)
+    if weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_ELEMENTS:
+        return _plain_float32_linear(x, weight, bias)
     if weight.dtype not in UPCAST_DTYPES or x.numel() < FP16_UPCAST_MIN_ROWS * x.shape[-1]:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
@@ -208,11 +203,16 @@ def dense_linear(
     for start in range(0, out_features, rows):
         end = min(start + rows, out_features)
         block_bias = None if bias is None else bias[start:end].float()
-        block = weight[start:end].float()
         # A block is a slice of a large weight: oneDNN whatever its size (where it is on).
-        out[..., start:end] = (
-            _onednn_linear(x32, block, block_bias)
-            if ONEDNN and not torch.compiler.is_compiling()
-            else F.linear(x32, block, block_bias)
-        )
+        out[..., start:end] = _plain_float32_linear(x32, weight[start:end].float(), block_bias)
     return out
+
+
+def _plain_float32_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """A plain float32 weight's product: oneDNN where it is on, outside ``torch.compile``'s
+    tracing (Inductor plans ``F.linear`` itself), else ``F.linear``."""
+    if ONEDNN and not torch.compiler.is_compiling():
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
