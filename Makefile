@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
-	# The CPU decode-attention kernel compiles here, once, rather than in a first run.
-	$(BIN)/python -c "from mgpu.layers import paged_kernel; paged_kernel.kernel()"
+	# The CPU kernels compile here, once, rather than in a first run.
+	$(BIN)/python -c "from mgpu.layers import cpu_kernels; cpu_kernels.kernel()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -112,7 +112,7 @@ def engine_rate(path: Path, tokens: int = 64) -> float:
 #: given here wins, see ``engine.worker.launch``); ``cpu_reserved_cores=1`` is the default
 #: before 2026-12-02 on 2 cores; ``MGPU_CPU_ONEDNN=0`` is ``F.linear`` (MKL) for every product, as
 #: until oneDNN took CPU products over on 2026-12-02 (``layers.matmul``);
-#: ``MGPU_CPU_PAGED_KERNEL=0`` is decode attention through the gather path (``paged_kernel``).
+#: ``MGPU_CPU_KERNELS=0`` is decode attention through the gather path (``cpu_kernels``).
 SETTINGS: dict[str, tuple[dict, dict[str, str]]] = {
     "defaults": ({}, {}),
     "OMP_WAIT_POLICY=ACTIVE": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),
@@ -121,7 +121,7 @@ SETTINGS: dict[str, tuple[dict, dict[str, str]]] = {
     "cpu_reserved_cores=0": ({"cpu_reserved_cores": 0}, {}),
     "compile=True": ({"compile_decode": True}, {}),
     "MGPU_CPU_ONEDNN=0": ({}, {"MGPU_CPU_ONEDNN": "0"}),
-    "MGPU_CPU_PAGED_KERNEL=0": ({}, {"MGPU_CPU_PAGED_KERNEL": "0"}),
+    "MGPU_CPU_KERNELS=0": ({}, {"MGPU_CPU_KERNELS": "0"}),
 }
 
 

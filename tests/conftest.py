@@ -18,11 +18,11 @@ from tests.helpers import make_model
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Build the CPU paged-attention kernel before any test runs (a fresh machine takes about a
+    """Build the CPU kernels before any test runs (a fresh machine takes about a
     minute, once), so that no test's server start-up timeout includes the build."""
-    from mgpu.layers import paged_kernel
+    from mgpu.layers import cpu_kernels
 
-    paged_kernel.kernel()
+    cpu_kernels.kernel()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

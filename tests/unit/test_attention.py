@@ -4,7 +4,7 @@ The reference is the path the engine used before: for each sequence on its own, 
 and values token by token from the cache through its block table, and attend with a causal mask
 offset by its start position (window, soft cap and grouped heads applied densely). On CPU, decode
 runs both ways: through the compiled kernel that reads the cache in place (the default) and
-through the PyTorch gather path it replaces (``MGPU_CPU_PAGED_KERNEL=0``).
+through the PyTorch gather path it replaces (``MGPU_CPU_KERNELS=0``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from mgpu.engine.messages import SeqChunk
 from mgpu.engine.model_runner import step_tensors
-from mgpu.layers import paged_kernel
+from mgpu.layers import cpu_kernels
 from mgpu.layers.attention import PagedAttention
 
 BLOCK = 4
@@ -99,14 +99,14 @@ def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Decode through the in-place CPU kernel, or through the gather path (the kernel off); the
     other path is made to fail, so a test cannot pass on the wrong one."""
     if request.param == "kernel":
-        assert paged_kernel.kernel() is not None, "the CPU paged-attention kernel did not build"
+        assert cpu_kernels.kernel() is not None, "the CPU paged-attention kernel did not build"
 
         def refuse(*_: object) -> None:
             raise AssertionError("decode took the gather path")
 
         monkeypatch.setattr(PagedAttention, "_decode_gathered", refuse)
     else:
-        monkeypatch.setenv("MGPU_CPU_PAGED_KERNEL", "0")
+        monkeypatch.setenv("MGPU_CPU_KERNELS", "0")
     return request.param
 
 
@@ -128,7 +128,7 @@ def test_kernel_matches_the_gather_path_it_replaces(
     """The kernel against :meth:`PagedAttention._decode_gathered` on the same step: head widths
     with their own compiled loops (64, 128) and without (80, 8), grouped and plain heads, contexts
     ending mid-block and at a block's end, tables padded to the longest, a window."""
-    kernel = paged_kernel.kernel()
+    kernel = cpu_kernels.kernel()
     assert kernel is not None
     torch.manual_seed(1)
     for window in (None, 7):
@@ -156,17 +156,17 @@ def test_kernel_build_failure_keeps_the_gather_path(
     """A machine that cannot build the kernel gets a warning saying what to do, and None."""
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error this build fails\n")
-    monkeypatch.setattr(paged_kernel, "SOURCE", broken)
-    monkeypatch.setattr(paged_kernel, "NAME", "mgpu_paged_decode_cpu_broken")
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [broken])
+    monkeypatch.setattr(cpu_kernels, "NAME", "mgpu_cpu_kernels_broken")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    with caplog.at_level("WARNING", logger="mgpu.layers.paged_kernel"):
-        assert paged_kernel._build.__wrapped__() is None
+    with caplog.at_level("WARNING", logger="mgpu.layers.cpu_kernels"):
+        assert cpu_kernels._build.__wrapped__() is None
     assert "gathers the cache instead" in caplog.text and "g++" in caplog.text
 
 
 def test_kernel_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MGPU_CPU_PAGED_KERNEL", "0")
-    assert paged_kernel.kernel() is None
+    monkeypatch.setenv("MGPU_CPU_KERNELS", "0")
+    assert cpu_kernels.kernel() is None
 
 
 def test_single_fresh_prompt_and_padding(decode_path: str) -> None:
@@ -211,8 +211,8 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> N
     """A lock left by a process killed mid-build would make every later start wait forever."""
     lock = tmp_path / "lock"
     lock.touch()
-    assert not paged_kernel.clear_stale_lock(tmp_path) and lock.exists()
-    old = lock.stat().st_mtime - paged_kernel.STALE_LOCK_S - 1
+    assert not cpu_kernels.clear_stale_lock(tmp_path) and lock.exists()
+    old = lock.stat().st_mtime - cpu_kernels.STALE_LOCK_S - 1
     os.utime(lock, (old, old))
-    assert paged_kernel.clear_stale_lock(tmp_path) and not lock.exists()
-    assert not paged_kernel.clear_stale_lock(tmp_path)
+    assert cpu_kernels.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not cpu_kernels.clear_stale_lock(tmp_path)

@@ -1,5 +1,5 @@
-"""The dense product's CPU paths (oneDNN on reordered and plain weights, float16 in float32
-blocks) against ``F.linear`` in float32 on the same weights."""
+"""The dense product's CPU paths (the skinny kernel, oneDNN on reordered and plain weights,
+float16 in float32 blocks) against ``F.linear`` in float32 on the same weights."""
 
 from __future__ import annotations
 
@@ -11,8 +11,86 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mgpu.layers import matmul
+from mgpu.layers import cpu_kernels, matmul
 from mgpu.layers.matmul import FP16_UPCAST_MIN_ROWS, dense_linear
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+#: Tolerance against float32 arithmetic, by output dtype (its rounding).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture
+def skinny() -> object:
+    kernel = cpu_kernels.kernel()
+    assert kernel is not None, "the CPU kernels did not build"
+    return kernel
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 7, 8, 9, 17, 33])
+@pytest.mark.parametrize("weight_dtype", FLOATS)
+def test_skinny_kernel_matches_float32_linear(skinny: object, rows: int, weight_dtype) -> None:
+    """Every chunk of rows (1-8 and the chunks of 8 after), 301 outputs (tiles and a remainder)
+    and 83 inputs (a vector remainder), with and without a bias."""
+    torch.manual_seed(5)
+    w = (torch.randn(301, 83) * 0.05).to(weight_dtype)
+    b = torch.randn(301).to(weight_dtype)
+    for x_dtype in FLOATS:
+        x = torch.randn(rows, 83).to(x_dtype)
+        for bias in (None, b):
+            want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+            got = skinny.skinny_linear(x, w, bias)
+            assert got.dtype == x_dtype and got.shape == (rows, 301)
+            tol = TOLERANCE[x_dtype]
+            torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_skinny_kernel_rejects_bad_shapes(skinny: object) -> None:
+    with pytest.raises(RuntimeError, match="x \\(M, K\\) and weight \\(N, K\\)"):
+        skinny.skinny_linear(torch.randn(2, 5), torch.randn(4, 6))
+    with pytest.raises(RuntimeError, match="contiguous weight"):
+        skinny.skinny_linear(torch.randn(2, 5), torch.randn(5, 4).t())
+    with pytest.raises(RuntimeError, match="bias \\(N,\\)"):
+        skinny.skinny_linear(torch.randn(2, 5), torch.randn(4, 5), torch.randn(3))
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        skinny.skinny_linear(torch.randn(2, 5), torch.ones(4, 5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_decode_rows_take_the_skinny_kernel(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain weight with up to SKINNY_MAX_ROWS rows of x (3-D, strided) goes through the
+    kernel; one row more does not; ``SKINNY`` off (``MGPU_CPU_SKINNY=0``) never."""
+    calls: list[int] = []
+    real = matmul._skinny_linear
+
+    def counting(x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor | None:
+        out = real(x, *args)
+        if out is not None:
+            calls.append(x.numel() // x.shape[-1])
+        return out
+
+    monkeypatch.setattr(matmul, "_skinny_linear", counting)
+    torch.manual_seed(6)
+    w = (torch.randn(40, 24) * 0.1).to(dtype)
+    limit = matmul.SKINNY_MAX_ROWS[dtype]
+    for rows in (1, limit, limit + 1):
+        x = torch.randn(1, rows, 48).to(dtype)[..., ::2]
+        got = dense_linear(x, w)
+        want, tol = F.linear(x.float(), w.float()), TOLERANCE[dtype]
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    assert calls == [1, limit]
+    monkeypatch.setattr(matmul, "SKINNY", False)
+    dense_linear(torch.randn(1, 24).to(dtype), w)
+    assert calls == [1, limit]
+
+
+def test_skinny_kernel_keeps_out_of_autograd() -> None:
+    """A product autograd records (LoRA training) takes F.linear, which has a backward."""
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(1, 4)
+    dense_linear(x, w).sum().backward()
+    assert w.grad is not None
 
 
 @pytest.mark.parametrize("rows", [1, FP16_UPCAST_MIN_ROWS - 1, FP16_UPCAST_MIN_ROWS, 33])
@@ -89,6 +167,7 @@ def test_packing_keeps_values_and_skips_other_dtypes() -> None:
 def test_switched_off_everything_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     """``MGPU_CPU_ONEDNN=0`` (read at import into ``ONEDNN``): plain weights, ``F.linear``."""
     monkeypatch.setattr(matmul, "ONEDNN", False)
+    monkeypatch.setattr(matmul, "SKINNY", False)
     torch.manual_seed(3)
     for dtype in matmul.PACKED_DTYPES:
         w = torch.randn(40, 24).to(dtype)
@@ -107,9 +186,11 @@ def test_environment_switch_is_read() -> None:
 
 @needs_onednn
 def test_small_weights_stay_plain_and_take_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below ``ONEDNN_MIN_ELEMENTS`` a weight is not reordered and its product is ``F.linear``'s
-    (bit for bit); at the threshold it is reordered (the suite runs with the threshold at 0)."""
+    """Below ``ONEDNN_MIN_ELEMENTS`` a weight is not reordered and, the skinny kernel off, its
+    product is ``F.linear``'s (bit for bit); at the threshold it is reordered (the suite runs
+    with the threshold at 0)."""
     monkeypatch.setattr(matmul, "ONEDNN_MIN_ELEMENTS", 40 * 24)
+    monkeypatch.setattr(matmul, "SKINNY", False)
     torch.manual_seed(4)
     small, large = torch.randn(39, 24), torch.randn(40, 24)
     x = torch.randn(5, 24)

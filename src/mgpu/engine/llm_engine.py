@@ -38,7 +38,7 @@ from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
 from mgpu.errors import ConfigError, MgpuError
-from mgpu.layers import paged_kernel
+from mgpu.layers import cpu_kernels
 from mgpu.lora.adapter import AdapterInfo, LoRAConfig, LoRAModule, check_lora
 from mgpu.lora.slots import SlotTable
 from mgpu.memory import padded_vocab_size
@@ -288,7 +288,7 @@ class LLMEngine:
         #: Each rank's decode-graph report from start-up (empty without graphs).
         self.graph_reports: list[GraphReport] = []
         if self.device == "cpu":  # built here once per machine, before the workers load it
-            paged_kernel.kernel()
+            cpu_kernels.kernel()
         self.executor = Executor(
             self.model_path, self.model_config, self.parallel_config, launch_config
         )

@@ -31,7 +31,7 @@ from mgpu.engine.cuda_graph import (
 )
 from mgpu.engine.forward_context import ForwardContext, LoRAMapping, set_forward_context
 from mgpu.engine.messages import SeqChunk, StepInput
-from mgpu.layers import paged_kernel
+from mgpu.layers import cpu_kernels
 from mgpu.layers.attention import (
     AttentionMetadata,
     PagedAttention,
@@ -129,7 +129,7 @@ class ModelRunner:
         self._decode_model = torch.compile(self.model, dynamic=True) if compile_decode else None
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         if device.type == "cpu":  # loaded now, not in the first step
-            paged_kernel.kernel()
+            cpu_kernels.kernel()
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.sampler = Sampler(model_config.vocab_size, device) if self.is_output_rank else None

@@ -10,7 +10,7 @@ with no further copy, and only the blocks the sequences own are read (padded to 
 
 Each step's tokens are flattened across sequences: (tokens, heads, head_dim). Sequences feeding one
 token (decode) are batched into one pair of matmuls over their blocks, grouped query heads sharing
-their KV head's keys; on CPU a compiled kernel (:mod:`mgpu.layers.paged_kernel`) instead follows
+their KV head's keys; on CPU a compiled kernel (:mod:`mgpu.layers.cpu_kernels`) instead follows
 the block tables itself and reads each key and value once, where they lie, with no copy.
 Sequences feeding several (prefill, or a chunk of one) are batched into
 scaled-dot-product calls, each over spans of similar length padded to the longest, each span with
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpu.layers import paged_kernel
+from mgpu.layers import cpu_kernels
 
 
 @dataclass
@@ -189,10 +189,10 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (B, heads, d) -> (B, heads, d), one new token per sequence, against its blocks.
 
-        On CPU the compiled kernel of :mod:`mgpu.layers.paged_kernel` reads the blocks in place
+        On CPU the compiled kernel of :mod:`mgpu.layers.cpu_kernels` reads the blocks in place
         (not inside ``torch.compile``, which cannot trace it); elsewhere :meth:`_decode_gathered`.
         """
-        kernel = paged_kernel.kernel() if q.device.type == "cpu" else None
+        kernel = cpu_kernels.kernel() if q.device.type == "cpu" else None
         lens = meta.decode_context_lens
         if kernel is None or lens is None or torch.compiler.is_compiling():
             return self._decode_gathered(q, meta)

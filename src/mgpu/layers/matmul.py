@@ -1,4 +1,5 @@
-"""The float matrix product of every dense layer: ``F.linear`` on GPU, oneDNN on CPU.
+"""The float matrix product of every dense layer: ``F.linear`` on GPU; oneDNN and mgpu's skinny
+kernel on CPU.
 
 **oneDNN on CPU.** PyTorch's CPU ``F.linear`` in float32 calls MKL, whose kernels on AMD CPUs take
 a generic path: on a 2-core EPYC (AVX-512 with BF16) it read weights at 14-20 GB/s for one row and
@@ -55,12 +56,38 @@ Xeon (AVX-512, AMX), 2 threads, float32, microseconds::
     3072 x 768       32    1678    1270    1030
 
 So weights of fewer than :data:`ONEDNN_MIN_ELEMENTS` elements stay plain and take ``F.linear``
-(MKL, which multiplies them on one thread with no set-up): with oneDNN off the demo model's
+(MKL, which multiplies them on one thread with no set-up; decode rows now take the skinny kernel
+below, faster still): with oneDNN off the demo model's
 single-stream decode went from 140 to 210-280 tokens/s, and the small 32-row products above were
 as fast or faster; from 768 x 768 up the reordered weight wins at 32 rows, and ~140M-parameter
 models keep every weight reordered. ``MGPU_CPU_ONEDNN_MIN_ELEMENTS`` in the environment moves
 the threshold (the test suite sets it to 0 so that its tiny models run through the reordered
 weights).
+
+**Decode rows of plain weights take the skinny kernel.** A weight left plain (a small one, a
+tied LM head, float16, MoE experts) is multiplied by up to :data:`SKINNY_MAX_ROWS` rows through
+``skinny_linear`` of :mod:`mgpu.layers.cpu_kernels`: each thread streams its share of the
+weight's rows once, converted to float32 in registers. Measured on a 2-core EPYC (AVX-512 with
+BF16, no FP16), 2 threads, weights beyond the cache, microseconds::
+
+    (out, in)      dtype  rows    aten   packed  skinny
+    1536 x 256     fp32      1      27       28      10
+    1536 x 256     fp32      4      81       29      20
+    4096 x 1024    fp32      1    1088      400     415
+    4096 x 1024    fp32      8    1626      519     590
+    32000 x 1024   fp32      1    7747     2151    1831
+    32000 x 1024   fp32      2   15749     3987    3153
+    4096 x 1024    bf16      1     414      203     203
+    4096 x 1024    fp16      1     259        -     254
+    4096 x 1024    fp16      4    1044        -     330
+    4096 x 1024    fp16     32    6559        -    1275
+
+So the kernel matches oneDNN's reordered weights at 1-4 rows (reordered weights keep oneDNN,
+which wins from 8 rows on) and replaces MKL's ``F.linear`` on the weights that stay plain; for
+float16 and the other :data:`UPCAST_DTYPES` it also beats the blocked float32 path up to 32 rows.
+Single-stream decode through ``LLM(...)``, the same CPU, engines timed in turns, kernel on against
+``MGPU_CPU_SKINNY=0``: demo model 601 against 411 tokens/s, ~140M Llama 42 against 36 (float32),
+79 against 69 (float16), 64 against 61 (bfloat16).
 
 On CUDA every dtype takes ``F.linear``.
 """
@@ -74,6 +101,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mgpu.layers import cpu_kernels
 
 #: Rows from which CPU float16 products take the blocked float32 path (at 4 rows it already won
 #: in all three shapes measured above; at 2 it lost on the narrow one).
@@ -106,6 +135,18 @@ PACKED_DTYPES = _packed_dtypes()
 UPCAST_DTYPES = (
     (torch.float16,) if torch.bfloat16 in PACKED_DTYPES else (torch.float16, torch.bfloat16)
 )
+
+
+#: The skinny kernel of :mod:`mgpu.layers.cpu_kernels` multiplies plain CPU weights by few rows
+#: (``MGPU_CPU_SKINNY=0`` in the environment turns it off, for comparisons).
+SKINNY = os.environ.get("MGPU_CPU_SKINNY", "1") != "0"
+#: Most rows of x for which a plain CPU weight of each dtype takes the skinny kernel (see the
+#: module docstring): 4 where the alternative is a fast float32 or bfloat16 GEMM, 32 for the
+#: dtypes whose alternative is the blocked float32 path (:data:`UPCAST_DTYPES`).
+SKINNY_MAX_ROWS = {
+    dtype: 32 if dtype in UPCAST_DTYPES else 4
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+}
 
 
 def _onednn_works() -> bool:
@@ -182,7 +223,9 @@ def dense_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x (..., in), weight (out, in) -> (..., out) in x's dtype.
 
-    On CPU: a reordered weight (:func:`cpu_packed_weight`) and a plain float32 one of at least
+    On CPU: a plain weight with at most :data:`SKINNY_MAX_ROWS` rows of x takes the skinny
+    kernel (outside ``torch.compile``'s tracing and autograd's recording); a reordered weight
+    (:func:`cpu_packed_weight`) and a plain float32 one of at least
     :data:`ONEDNN_MIN_ELEMENTS` elements (outside ``torch.compile``'s tracing) go through
     oneDNN; float16 (and bfloat16 on CPUs without its kernels, :data:`UPCAST_DTYPES`) with at
     least :data:`FP16_UPCAST_MIN_ROWS` rows multiplies in float32, one cache-sized block of
@@ -192,16 +235,21 @@ def dense_linear(
         return _onednn_linear(x, weight, bias)
     if weight.device.type != "cpu":
         return F.linear(x, weight, bias)
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows <= SKINNY_MAX_ROWS.get(weight.dtype, 0):
+        out = _skinny_linear(x, weight, bias)
+        if out is not None:
+            return out
     if weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_ELEMENTS:
         return _plain_float32_linear(x, weight, bias)
-    if weight.dtype not in UPCAST_DTYPES or x.numel() < FP16_UPCAST_MIN_ROWS * x.shape[-1]:
+    if weight.dtype not in UPCAST_DTYPES or rows < FP16_UPCAST_MIN_ROWS:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
-    rows = max(1, _BLOCK_BYTES // (4 * in_features))
+    block_rows = max(1, _BLOCK_BYTES // (4 * in_features))
     x32 = x.float()
     out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
-    for start in range(0, out_features, rows):
-        end = min(start + rows, out_features)
+    for start in range(0, out_features, block_rows):
+        end = min(start + block_rows, out_features)
         block_bias = None if bias is None else bias[start:end].float()
         # A block is a slice of a large weight: oneDNN whatever its size (where it is on).
         out[..., start:end] = _plain_float32_linear(x32, weight[start:end].float(), block_bias)
@@ -212,7 +260,34 @@ def _plain_float32_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """A plain float32 weight's product: oneDNN where it is on, outside ``torch.compile``'s
-    tracing (Inductor plans ``F.linear`` itself), else ``F.linear``."""
-    if ONEDNN and not torch.compiler.is_compiling():
+    tracing (Inductor plans ``F.linear`` itself) and autograd's recording (oneDNN's op has no
+    backward: its product would silently carry no gradient), else ``F.linear``."""
+    if ONEDNN and not torch.compiler.is_compiling() and not _records_grad(x, weight):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The product through the CPU kernels' skinny kernel, or None where it cannot run (no
+    kernel, ``MGPU_CPU_SKINNY=0``, inside ``torch.compile``'s tracing, autograd recording, a
+    weight that is not contiguous)."""
+    if (
+        not SKINNY
+        or torch.compiler.is_compiling()
+        or not weight.is_contiguous()
+        or (bias is not None and not bias.is_contiguous())
+        or _records_grad(x, weight)
+    ):
+        return None
+    kernel = cpu_kernels.kernel()
+    if kernel is None:
+        return None
+    flat = x.reshape(-1, x.shape[-1])  # (rows, in)
+    return kernel.skinny_linear(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def _records_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autograd records this product (the compiled kernels have no backward)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)

@@ -146,6 +146,8 @@ void dispatch(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor&
   }
 }
 
+}  // namespace
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         double scale, double softcap, int64_t window) {
@@ -177,10 +179,4 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache,
       TORCH_CHECK(false, "paged_decode: float32, bfloat16 or float16 only");
   }
   return out;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache (CPU)");
 }

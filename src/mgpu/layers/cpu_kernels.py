@@ -1,18 +1,24 @@
-"""The CPU decode-attention kernel that reads the paged KV cache in place (``csrc/``).
+"""mgpu's compiled CPU kernels (``csrc/``): decode attention over the paged cache, skinny products.
 
-PyTorch has no matmul that follows a block table, so the plain path
-(:meth:`PagedAttention.gather` and two batched matmuls) copies every decoding sequence's blocks
-out of the cache for every layer and then reads the copy. On CPU that copy was a fifth of a
-one-sequence decode step. ``csrc/paged_decode_cpu.cpp`` walks each sequence's block table itself
-(one task per sequence and KV head, float32 scores and softmax), so each key and value is read
-once and only the output is written.
+- **Paged decode attention** (``paged_decode_cpu.cpp``). PyTorch has no matmul that follows a
+  block table, so the plain path (:meth:`PagedAttention.gather` and two batched matmuls) copies
+  every decoding sequence's blocks out of the cache for every layer and then reads the copy. On
+  CPU that copy was a fifth of a one-sequence decode step. The kernel walks each sequence's block
+  table itself (one task per sequence and KV head, float32 scores and softmax), so each key and
+  value is read once and only the output is written.
+- **Skinny products** (``skinny_linear_cpu.cpp``): ``x W^T + b`` for the few rows of a decode
+  step, the weight streamed once from memory by all threads in contiguous ranges, converted to
+  float32 in registers (float32, bfloat16 and float16 weights). :mod:`mgpu.layers.matmul` says
+  when it is used and what it replaced.
 
-It is compiled on first use through ``torch.utils.cpp_extension`` with the machine's C++ compiler
-and ninja (the ``ninja`` wheel, a dependency, where none is installed), with ``-march=native``
-since it is built where it runs, and cached under ``~/.cache/torch_extensions``: a machine pays
-the 30-60 s build once (the engine builds it before starting its workers). Without a compiler, or
-with ``MGPU_CPU_PAGED_KERNEL=0`` in the environment, decode attention keeps the plain PyTorch
-path, which computes the same attention (tests/unit/test_attention.py runs both).
+Both are compiled on first use, as one extension, through ``torch.utils.cpp_extension`` with the
+machine's C++ compiler and ninja (the ``ninja`` wheel, a dependency, where none is installed),
+with ``-march=native`` since it is built where it runs, and cached under
+``~/.cache/torch_extensions``: a machine pays the 30-60 s build once (``make install`` builds it;
+otherwise the engine builds it before starting its workers). Without a compiler, or with
+``MGPU_CPU_KERNELS=0`` in the environment, decode attention keeps the plain PyTorch path and the
+products PyTorch's own kernels, which compute the same results (tests/unit/test_attention.py and
+tests/unit/test_dense_linear.py run both).
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+#: The extension's sources, compiled together into one module.
+SOURCES = [
+    _CSRC / name for name in ("paged_decode_cpu.cpp", "skinny_linear_cpu.cpp", "bindings.cpp")
+]
 #: The extension's name; torch rebuilds it by itself when the source or the flags change. It
 #: names the CPU's vector ISA too: a ``-march=native`` build from an AVX-512 machine must not be
 #: loaded from a shared home directory on an AVX2 one.
-NAME = f"mgpu_paged_decode_cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
+NAME = f"mgpu_cpu_kernels_{torch.backends.cpu.get_cpu_capability().lower()}"
 
 
 #: A build lock older than this is left by a process killed while building (a build takes about a
@@ -55,14 +65,14 @@ def clear_stale_lock(build_dir: Path) -> bool:
         lock.unlink()
     except FileNotFoundError:
         return False
-    log.warning("removed a stale build lock of the CPU paged-attention kernel: %s", lock)
+    log.warning("removed a stale build lock of the CPU kernels: %s", lock)
     return True
 
 
 def kernel() -> ModuleType | None:
     """The compiled kernel module (built on the first call of a machine), or None when
-    ``MGPU_CPU_PAGED_KERNEL=0`` turns it off or it cannot be built (the reason is logged once)."""
-    if os.environ.get("MGPU_CPU_PAGED_KERNEL", "1") == "0":
+    ``MGPU_CPU_KERNELS=0`` turns it off or it cannot be built (the reason is logged once)."""
+    if os.environ.get("MGPU_CPU_KERNELS", "1") == "0":
         return None
     return _build()
 
@@ -80,10 +90,10 @@ def _build() -> ModuleType | None:
         root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
         clear_stale_lock(root / NAME)
         if not (root / NAME / f"{NAME}.so").exists():
-            log.info("building the CPU paged-attention kernel (once per machine, about a minute)")
+            log.info("building the CPU kernels (once per machine, about a minute)")
         return load_extension(
             name=NAME,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             # at::parallel_for is OpenMP inlined from ATen's headers: without -fopenmp it runs
             # on one thread. The libgomp it needs is the one torch has already loaded (same
             # soname), so the kernel shares torch's thread pool and wait policy. -ffast-math
@@ -94,9 +104,9 @@ def _build() -> ModuleType | None:
         )
     except Exception as exc:  # no compiler, no headers, a failed build: keep the PyTorch path
         log.warning(
-            "CPU paged-attention kernel unavailable (%s: %s); decode attention gathers the cache "
-            "instead (slower). Install a C++ compiler (g++) to build it, or set "
-            "MGPU_CPU_PAGED_KERNEL=0 to silence this.",
+            "CPU kernels unavailable (%s: %s); decode attention gathers the cache "
+            "instead and decode products take PyTorch's kernels (slower). Install a C++ "
+            "compiler (g++) to build them, or set MGPU_CPU_KERNELS=0 to silence this.",
             type(exc).__name__,
             str(exc).splitlines()[0] if str(exc) else "",
         )

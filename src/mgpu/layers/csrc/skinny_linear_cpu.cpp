@@ -1,0 +1,235 @@
+// y = x W^T + b for the few rows of a decode step, on CPU, reading each weight once from memory.
+//
+// A decode step multiplies every weight by one row per sequence: the product is a matrix-vector
+// one, bound by how fast the weight streams from memory, not by arithmetic. The library kernels
+// PyTorch calls for it are tuned for large products (MKL takes a generic path on AMD CPUs, oneDNN
+// pays tens of microseconds of set-up per call), so this kernel does just the skinny case: the
+// weight's rows are split between the threads in contiguous ranges; a thread walks its rows (one
+// at a time for up to 4 rows of x, see FEW), converting each weight vector to float32 once in
+// registers and multiplying it into several rows of x (small, in cache), float32 accumulators.
+//
+// Shapes:
+//   x        (M, K) float32 / bfloat16 / float16 (converted to float32 once, M * K elements)
+//   weight   (N, K) float32 / bfloat16 / float16, contiguous
+//   bias     (N,) or none, any of the three dtypes
+//   returns  (M, N) in x's dtype
+// Vectors are GCC vector extensions of the machine's widest float register (the kernel is built
+// with -march=native where it runs): 16 floats with AVX-512, 8 with AVX2.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int V = 16;
+constexpr int REGISTERS = 32;
+#else
+constexpr int V = 8;
+constexpr int REGISTERS = 16;
+#endif
+
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(V * 2)));
+typedef uint32_t vu32 __attribute__((vector_size(V * 4)));
+
+// V consecutive elements at p as float32 (unaligned loads; the conversions stay in registers).
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vf load(const at::BFloat16* p) {
+  // bfloat16 is float32's top half: widen to 32 bits, shift. One vpmovzxwd from memory (GCC 12
+  // splits __builtin_convertvector of 16 lanes into two halves and an insert).
+#if defined(__AVX512F__)
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  const vu32 bits = __builtin_convertvector(h, vu32) << 16;
+#endif
+  vf v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline vf load(const at::Half* p) {
+  // vcvtph2ps: GCC 12 turns __builtin_convertvector of _Float16 vectors into one scalar
+  // conversion per element (the float16 kernel read 10 GB/s, against 35-40 for bfloat16).
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < V; ++i) v[i] = static_cast<float>(p[i]);
+#endif
+  vf out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < V; ++i) s += v[i];
+  return s;
+}
+
+// y[m, r] = x[m] . w[r] + bias[r] for M rows of x (row stride K) and R weight rows (row stride
+// K); y has row stride ldy. U vectors per step keep at least four independent accumulator chains
+// when M * R is small, so that the FMA latency does not bound the stream.
+template <typename T, typename O, int M, int R>
+inline void block(const float* __restrict__ x, const T* __restrict__ w, const float* bias,
+                  int64_t K, O* __restrict__ y, int64_t ldy) {
+  constexpr int U = M * R >= 4 ? 1 : 4 / (M * R);
+  vf acc[U][M][R] = {};
+  int64_t k = 0;
+  for (; k + U * V <= K; k += U * V) {
+    for (int u = 0; u < U; ++u) {
+      vf wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load(w + r * K + k + u * V);
+      for (int m = 0; m < M; ++m) {
+        const vf xv = load(x + m * K + k + u * V);
+        for (int r = 0; r < R; ++r) acc[u][m][r] += xv * wv[r];
+      }
+    }
+  }
+  for (; k + V <= K; k += V) {
+    for (int m = 0; m < M; ++m) {
+      const vf xv = load(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[0][m][r] += xv * load(w + r * K + k);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int r = 0; r < R; ++r) {
+      vf total = acc[0][m][r];
+      for (int u = 1; u < U; ++u) total += acc[u][m][r];
+      float s = hsum(total);
+      for (int64_t i = k; i < K; ++i) s += x[m * K + i] * static_cast<float>(w[r * K + i]);
+      if (bias != nullptr) s += bias[r];
+      y[m * ldy + r] = static_cast<O>(s);
+    }
+  }
+}
+
+// Up to FEW rows of x, each thread streams its weight rows one at a time (R = 1): a single
+// sequential stream per thread, which the hardware prefetchers follow. Interleaving 8 rows (8
+// streams 4 KB apart) read 25-35 GB/s on a 2-core EPYC (AVX-512) where one row read 40-63,
+// bfloat16 from 27 to 63. With more rows of x the product is bound by arithmetic, not memory:
+// chunks of 4 rows of x meet R weight rows at once, so each vector loaded serves several FMAs
+// (R = 1 there had made 32 rows 2x slower).
+constexpr int FEW = 4;
+constexpr int R_MANY = REGISTERS >= 32 ? 4 : 2;
+// Weight rows every chunk of x's rows passes over before the next ones (a multiple of R_MANY):
+// from the second chunk on they are read from cache, not memory.
+constexpr int64_t TILE = 8;
+
+template <typename T, typename O, int M, int R>
+void tile(const float* x, const T* w, const float* bias, int64_t K, int64_t n0, int64_t n1, O* y,
+          int64_t N) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    block<T, O, M, R>(x, w + n * K, bias == nullptr ? nullptr : bias + n, K, y + n, N);
+  }
+  for (; n < n1; ++n) {
+    block<T, O, M, 1>(x, w + n * K, bias == nullptr ? nullptr : bias + n, K, y + n, N);
+  }
+}
+
+template <typename T, typename O, int R>
+void tile_of(int64_t m, const float* x, const T* w, const float* bias, int64_t K, int64_t n0,
+             int64_t n1, O* y, int64_t N) {
+  switch (m) {
+    case 1: return tile<T, O, 1, R>(x, w, bias, K, n0, n1, y, N);
+    case 2: return tile<T, O, 2, R>(x, w, bias, K, n0, n1, y, N);
+    case 3: return tile<T, O, 3, R>(x, w, bias, K, n0, n1, y, N);
+    default: return tile<T, O, 4, R>(x, w, bias, K, n0, n1, y, N);
+  }
+}
+
+// Weight rows n0..n1 of the product for all M rows of x.
+template <typename T, typename O>
+void rows(const float* x, int64_t M, const T* w, const float* bias, int64_t K, int64_t n0,
+          int64_t n1, O* y, int64_t N) {
+  if (M <= FEW) return tile_of<T, O, 1>(M, x, w, bias, K, n0, n1, y, N);
+  for (int64_t t = n0; t < n1; t += TILE) {
+    const int64_t t1 = std::min(n1, t + TILE);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t m = std::min<int64_t>(4, M - m0);
+      tile_of<T, O, R_MANY>(m, x + m0 * K, w, bias, K, t, t1, y + m0 * N, N);
+    }
+  }
+}
+
+// Weight elements below which a thread's share is not worth waking it for (about 256 KB of
+// float32: a few microseconds of streaming, about what a wake-up costs).
+constexpr int64_t MIN_ELEMENTS_PER_THREAD = 1 << 16;
+
+template <typename T, typename O>
+void run(const float* x, int64_t M, const T* w, const float* bias, int64_t K, int64_t N, O* y) {
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  const int64_t grain = std::max<int64_t>(1, MIN_ELEMENTS_PER_THREAD / (TILE * K));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    rows<T, O>(x, M, w, bias, K, begin * TILE, std::min(N, end * TILE), y, N);
+  });
+}
+
+template <typename T>
+void with_output(const at::Tensor& x32, const at::Tensor& w, const float* bias, at::Tensor& out) {
+  const int64_t M = x32.size(0), K = x32.size(1), N = w.size(0);
+  const float* x = x32.data_ptr<float>();
+  const T* wp = w.data_ptr<T>();
+  switch (out.scalar_type()) {
+    case at::kFloat: run<T, float>(x, M, wp, bias, K, N, out.data_ptr<float>()); break;
+    case at::kBFloat16:
+      run<T, at::BFloat16>(x, M, wp, bias, K, N, out.data_ptr<at::BFloat16>());
+      break;
+    default: run<T, at::Half>(x, M, wp, bias, K, N, out.data_ptr<at::Half>()); break;
+  }
+}
+
+bool float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+}  // namespace
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "skinny_linear: CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "skinny_linear: x (M, K) and weight (N, K)");
+  TORCH_CHECK(weight.is_contiguous(), "skinny_linear: contiguous weight");
+  TORCH_CHECK(float_type(x.scalar_type()) && float_type(weight.scalar_type()),
+              "skinny_linear: float32, bfloat16 or float16 only");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
+                    bias->device().is_cpu() && float_type(bias->scalar_type()),
+                "skinny_linear: bias (N,) contiguous, on CPU, float32/bfloat16/float16");
+  }
+  const auto x32 = x.to(at::kFloat).contiguous();
+  // The bias as float32 (N elements: a copy only where it is not float32 already).
+  const auto bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
+  auto out = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (out.numel() == 0) return out;  // no rows (an empty batch) or no outputs
+  switch (weight.scalar_type()) {
+    case at::kFloat: with_output<float>(x32, weight, b, out); break;
+    case at::kBFloat16: with_output<at::BFloat16>(x32, weight, b, out); break;
+    default: with_output<at::Half>(x32, weight, b, out); break;
+  }
+  return out;
+}
