@@ -1,12 +1,39 @@
-"""RMSNorm, computed in float32 as Hugging Face's Llama does, with a fused residual add."""
+"""RMSNorm, computed in float32 as Hugging Face's Llama does, with a fused residual add.
+
+On CPU the whole norm with its residual add is one call of :mod:`mgpu.layers.cpu_kernels`'s
+``rms_norm`` (the PyTorch form is five to seven operators, whose dispatch is the whole cost at a
+decode step's few rows), rounded where the PyTorch form rounds; it stands aside inside
+``torch.compile``'s tracing (Inductor fuses the PyTorch form itself) and autograd's recording.
+"""
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgpu.layers import cpu_kernels
 from mgpu.layers.linear import load_replicated
+
+
+def _cpu_kernel(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, gemma: bool
+) -> ModuleType | None:
+    """The CPU kernels' module where its ``rms_norm`` computes what the PyTorch form would
+    (x (tokens, hidden), a residual of x's dtype and shape, a Llama weight of x's dtype: a
+    float32 weight would promote the PyTorch form's output to float32), else None."""
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 2
+        or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))
+        or weight.dtype not in ((x.dtype, torch.float32) if gemma else (x.dtype,))
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return None
+    return cpu_kernels.kernel()
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +49,11 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise ``x + residual`` (tokens, hidden); returns (normed, new residual)."""
+        kernel = _cpu_kernel(x, residual, self.weight, gemma=False)
+        if kernel is not None:
+            return kernel.rms_norm(
+                x.contiguous(), _contiguous(residual), self.weight, self.eps, False
+            )
         if residual is not None:
             x = x + residual
         residual = x
@@ -39,8 +71,17 @@ class GemmaRMSNorm(RMSNorm):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise ``x + residual`` (tokens, hidden); returns (normed, new residual)."""
+        kernel = _cpu_kernel(x, residual, self.weight, gemma=True)
+        if kernel is not None:
+            return kernel.rms_norm(
+                x.contiguous(), _contiguous(residual), self.weight, self.eps, True
+            )
         if residual is not None:
             x = x + residual
         residual = x
         h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return (h * (1.0 + self.weight.float())).to(x.dtype), residual
+
+
+def _contiguous(residual: torch.Tensor | None) -> torch.Tensor | None:
+    return None if residual is None else residual.contiguous()
