@@ -65,9 +65,20 @@ def test_kernel_takes_strided_input_and_leaves_x_alone(monkeypatch: pytest.Monke
     assert torch.equal(wide, before) and torch.equal(residual, x)
 
 
+def test_per_head_norms_of_a_strided_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3's q/k norms: (tokens, heads, d), a head slice of the fused projection."""
+    module = make(RMSNorm, torch.bfloat16, 8)
+    qkv = torch.randn(3, 5, 8).bfloat16()
+    x = qkv[:, 1:4]
+    want, _ = pytorch_form(module, x, None, monkeypatch)
+    got, residual = module(x, None)
+    assert got.shape == (3, 3, 8) and residual.shape == (3, 3, 8)
+    torch.testing.assert_close(got, want, atol=8e-3, rtol=8e-3)
+
+
 def test_pytorch_form_where_the_kernel_would_differ() -> None:
     """A float32 weight on bfloat16 activations promotes Llama's output to float32 in the PyTorch
-    form; autograd needs the PyTorch form's backward; 3-D inputs (per-head norms) keep it too."""
+    form; autograd needs the PyTorch form's backward."""
     x = torch.randn(2, 8).bfloat16()
     module = make(RMSNorm, torch.float32, 8)
     assert norm._cpu_kernel(x, None, module.weight, gemma=False) is None
@@ -75,4 +86,3 @@ def test_pytorch_form_where_the_kernel_would_differ() -> None:
     assert norm._cpu_kernel(x, None, module.weight, gemma=True) is not None
     grad_x = torch.randn(2, 8, requires_grad=True)
     assert norm._cpu_kernel(grad_x, None, make(RMSNorm, torch.float32, 8).weight, False) is None
-    assert norm._cpu_kernel(torch.randn(2, 3, 8), None, module.weight, gemma=False) is None

@@ -1,4 +1,4 @@
-"""mgpu's compiled CPU kernels (``csrc/``): paged decode attention, skinny products, RMSNorm.
+"""mgpu's compiled CPU kernels (``csrc/``): paged decode attention, skinny products, norms, RoPE.
 
 - **Paged decode attention** (``paged_decode_cpu.cpp``). PyTorch has no matmul that follows a
   block table, so the plain path (:meth:`PagedAttention.gather` and two batched matmuls) copies
@@ -10,17 +10,18 @@
   step, the weight streamed once from memory by all threads in contiguous ranges, converted to
   float32 in registers (float32, bfloat16 and float16 weights). :mod:`mgpu.layers.matmul` says
   when it is used and what it replaced.
-- **RMSNorm with its residual add** (``rms_norm_cpu.cpp``): one call instead of five to seven
-  operators (:mod:`mgpu.layers.norm`).
+- **RMSNorm with its residual add** (``rms_norm_cpu.cpp``) and **rotary embedding**
+  (``rotary_cpu.cpp``): one call each instead of five to seven operators
+  (:mod:`mgpu.layers.norm`, :mod:`mgpu.layers.rotary`).
 
 All are compiled on first use, as one extension, through ``torch.utils.cpp_extension`` with the
 machine's C++ compiler and ninja (the ``ninja`` wheel, a dependency, where none is installed),
 with ``-march=native`` since it is built where it runs, and cached under
 ``~/.cache/torch_extensions``: a machine pays the 30-60 s build once (``make install`` builds it;
 otherwise the engine builds it before starting its workers). Without a compiler, or with
-``MGPU_CPU_KERNELS=0`` in the environment, decode attention, the products and the norms keep the
-PyTorch paths, which compute the same results (tests/unit/test_attention.py,
-tests/unit/test_dense_linear.py and tests/unit/test_norm.py run both).
+``MGPU_CPU_KERNELS=0`` in the environment, decode attention, the products, the norms and the
+rotary embedding keep the PyTorch paths, which compute the same results (tests/unit/ has
+test_attention.py, test_dense_linear.py, test_norm.py and test_rotary.py running both).
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 #: The extension's sources, compiled together into one module.
-_NAMES = ("paged_decode_cpu.cpp", "skinny_linear_cpu.cpp", "rms_norm_cpu.cpp", "bindings.cpp")
+_NAMES = (
+    "paged_decode_cpu.cpp",
+    "skinny_linear_cpu.cpp",
+    "rms_norm_cpu.cpp",
+    "rotary_cpu.cpp",
+    "bindings.cpp",
+)
 SOURCES = [_CSRC / name for name in _NAMES]
 #: The extension's name; torch rebuilds it by itself when the source or the flags change. It
 #: names the CPU's vector ISA too: a ``-march=native`` build from an AVX-512 machine must not be

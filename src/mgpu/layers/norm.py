@@ -22,11 +22,11 @@ def _cpu_kernel(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, gemma: bool
 ) -> ModuleType | None:
     """The CPU kernels' module where its ``rms_norm`` computes what the PyTorch form would
-    (x (tokens, hidden), a residual of x's dtype and shape, a Llama weight of x's dtype: a
+    (x (..., hidden), a residual of x's dtype and shape, a Llama weight of x's dtype: a
     float32 weight would promote the PyTorch form's output to float32), else None."""
     if (
         x.device.type != "cpu"
-        or x.dim() != 2
+        or x.dim() == 0
         or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))
         or weight.dtype not in ((x.dtype, torch.float32) if gemma else (x.dtype,))
         or torch.compiler.is_compiling()
@@ -51,9 +51,7 @@ class RMSNorm(nn.Module):
         """Normalise ``x + residual`` (tokens, hidden); returns (normed, new residual)."""
         kernel = _cpu_kernel(x, residual, self.weight, gemma=False)
         if kernel is not None:
-            return kernel.rms_norm(
-                x.contiguous(), _contiguous(residual), self.weight, self.eps, False
-            )
+            return _kernel_norm(kernel, x, residual, self.weight, self.eps, gemma=False)
         if residual is not None:
             x = x + residual
         residual = x
@@ -73,9 +71,7 @@ class GemmaRMSNorm(RMSNorm):
         """Normalise ``x + residual`` (tokens, hidden); returns (normed, new residual)."""
         kernel = _cpu_kernel(x, residual, self.weight, gemma=True)
         if kernel is not None:
-            return kernel.rms_norm(
-                x.contiguous(), _contiguous(residual), self.weight, self.eps, True
-            )
+            return _kernel_norm(kernel, x, residual, self.weight, self.eps, gemma=True)
         if residual is not None:
             x = x + residual
         residual = x
@@ -83,5 +79,17 @@ class GemmaRMSNorm(RMSNorm):
         return (h * (1.0 + self.weight.float())).to(x.dtype), residual
 
 
-def _contiguous(residual: torch.Tensor | None) -> torch.Tensor | None:
-    return None if residual is None else residual.contiguous()
+def _kernel_norm(
+    kernel: ModuleType,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    gemma: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's norm of x (..., hidden) (per-head q/k norms are (tokens, heads, d)), as rows."""
+    shape, hidden = x.shape, x.shape[-1]
+    flat = x.reshape(-1, hidden).contiguous()
+    flat_residual = None if residual is None else residual.reshape(-1, hidden).contiguous()
+    out, new_residual = kernel.rms_norm(flat, flat_residual, weight, eps, gemma)
+    return out.view(shape), new_residual.view(shape)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from mgpu.config import RopeScaling
+from mgpu.layers import cpu_kernels
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -63,8 +65,35 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate x (tokens, heads, d) by RotaryEmbedding's (cos, sin), each (tokens, 1, d)."""
+    """Rotate x (tokens, heads, d) by RotaryEmbedding's (cos, sin), each (tokens, 1, d).
+
+    On CPU in float32, one call of :mod:`mgpu.layers.cpu_kernels`'s ``rotary`` (the PyTorch form
+    below is seven operators, whose dispatch is the whole cost at a decode step's few tokens);
+    not inside ``torch.compile``'s tracing (Inductor fuses the
+    PyTorch form) or autograd's recording.
+    """
     cos, sin = rope
+    kernel = _cpu_kernel(x, cos, sin)
+    if kernel is not None:
+        return kernel.rotary(x, cos.contiguous(), sin.contiguous())
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def _cpu_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> ModuleType | None:
+    """The CPU kernels' module where its ``rotary`` computes what the PyTorch form would, else
+    None."""
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 3
+        or x.stride(-1) != 1
+        or x.dtype != torch.float32  # see csrc/rotary_cpu.cpp: half dtypes keep the PyTorch form
+        or cos.dtype != x.dtype
+        or sin.dtype != x.dtype
+        or cos.shape != (x.shape[0], 1, x.shape[2])
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return None
+    return cpu_kernels.kernel()

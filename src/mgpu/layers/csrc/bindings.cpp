@@ -9,10 +9,12 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x,
                                             const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps, bool gemma);
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache (CPU)");
   m.def("skinny_linear", &skinny_linear, "x W^T + b for a few rows of x (CPU)", pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of x + residual, returns (normed, x + residual) (CPU)");
+  m.def("rotary", &rotary, "rotate-half rotary embedding of x (tokens, heads, d) (CPU)");
 }

@@ -28,8 +28,9 @@ inline T round_to(float v) {
 template <typename T, typename W>
 void norm_rows(const T* x, const T* residual, const W* weight, T* out, T* sum, int64_t rows,
                int64_t hidden, float eps, bool gemma) {
-  // About 16K elements per thread before the threads are woken (a decode step's rows stay on one).
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(hidden, 1));
+  // Rows split between threads only from 64K elements a thread (the elementwise grain of
+  // PyTorch is 32K): below that, waking a thread on a busy core costs more than the work.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(hidden, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * hidden;
