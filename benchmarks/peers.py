@@ -243,12 +243,10 @@ def measure_transformers(row: Row, path: Path, args: argparse.Namespace) -> None
 def render(rows: list[Row], bandwidth: float, weight_bytes: dict, args: argparse.Namespace) -> str:
     """The markdown section: machine, command, table, plot."""
     start, end = markers("peers", "cpu")
-    argv = [
-        "$(scripts/build_llama_server.sh | tail -1)" if a == args.llama_server else shlex.quote(a)
-        for a in sys.argv[1:]
-    ]  # the binary as the set-up prints it, not this machine's cache path
+    # The llama-server binary as the set-up prints it, not this machine's cache path.
+    setup = '"$(scripts/build_llama_server.sh | tail -1)"'
     command = "python benchmarks/peers.py " + " ".join(
-        f'"{a}"' if a.startswith("$(") else a for a in argv
+        setup if a == args.llama_server else shlex.quote(a) for a in sys.argv[1:]
     )
     head = " | ".join(f"{c} clients tok/s | TTFT {c} (ms)" for c in args.clients)
     lines = [

@@ -192,9 +192,9 @@ class PagedAttention(nn.Module):
         On CPU the compiled kernel of :mod:`mgpu.layers.cpu_kernels` reads the blocks in place
         (not inside ``torch.compile``, which cannot trace it); elsewhere :meth:`_decode_gathered`.
         """
-        kernel = cpu_kernels.kernel() if q.device.type == "cpu" else None
+        kernel = cpu_kernels.kernel_for(q, self.kv_cache)
         lens = meta.decode_context_lens
-        if kernel is None or lens is None or torch.compiler.is_compiling():
+        if kernel is None or lens is None:
             return self._decode_gathered(q, meta)
         assert meta.decode_block_tables is not None
         return kernel.paged_decode(

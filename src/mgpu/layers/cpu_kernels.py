@@ -85,6 +85,24 @@ def kernel() -> ModuleType | None:
     return _build()
 
 
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on these tensors (the kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def kernel_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """:func:`kernel` where its functions may stand in for the PyTorch form on these tensors: all
+    on CPU, outside ``torch.compile``'s tracing (which cannot trace them; Inductor fuses the
+    PyTorch form itself) and autograd's recording (they have no backward); else None."""
+    if (
+        any(t.device.type != "cpu" for t in tensors)
+        or torch.compiler.is_compiling()
+        or records_grad(*tensors)
+    ):
+        return None
+    return kernel()
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     try:

@@ -262,7 +262,7 @@ def _plain_float32_linear(
     """A plain float32 weight's product: oneDNN where it is on, outside ``torch.compile``'s
     tracing (Inductor plans ``F.linear`` itself) and autograd's recording (oneDNN's op has no
     backward: its product would silently carry no gradient), else ``F.linear``."""
-    if ONEDNN and not torch.compiler.is_compiling() and not _records_grad(x, weight):
+    if ONEDNN and not torch.compiler.is_compiling() and not cpu_kernels.records_grad(x, weight):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -273,21 +273,10 @@ def _skinny_linear(
     """The product through the CPU kernels' skinny kernel, or None where it cannot run (no
     kernel, ``MGPU_CPU_SKINNY=0``, inside ``torch.compile``'s tracing, autograd recording, a
     weight that is not contiguous)."""
-    if (
-        not SKINNY
-        or torch.compiler.is_compiling()
-        or not weight.is_contiguous()
-        or (bias is not None and not bias.is_contiguous())
-        or _records_grad(x, weight)
-    ):
+    if not SKINNY or not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
         return None
-    kernel = cpu_kernels.kernel()
+    kernel = cpu_kernels.kernel_for(x, weight, *([] if bias is None else [bias]))
     if kernel is None:
         return None
     flat = x.reshape(-1, x.shape[-1])  # (rows, in)
     return kernel.skinny_linear(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
-
-
-def _records_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether autograd records this product (the compiled kernels have no backward)."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)

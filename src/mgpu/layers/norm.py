@@ -25,15 +25,12 @@ def _cpu_kernel(
     (x (..., hidden), a residual of x's dtype and shape, a Llama weight of x's dtype: a
     float32 weight would promote the PyTorch form's output to float32), else None."""
     if (
-        x.device.type != "cpu"
-        or x.dim() == 0
+        x.dim() == 0
         or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))
         or weight.dtype not in ((x.dtype, torch.float32) if gemma else (x.dtype,))
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
         return None
-    return cpu_kernels.kernel()
+    return cpu_kernels.kernel_for(x, weight, *([] if residual is None else [residual]))
 
 
 class RMSNorm(nn.Module):

@@ -85,15 +85,12 @@ def _cpu_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Module
     """The CPU kernels' module where its ``rotary`` computes what the PyTorch form would, else
     None."""
     if (
-        x.device.type != "cpu"
-        or x.dim() != 3
+        x.dim() != 3
         or x.stride(-1) != 1
         or x.dtype != torch.float32  # see csrc/rotary_cpu.cpp: half dtypes keep the PyTorch form
         or cos.dtype != x.dtype
         or sin.dtype != x.dtype
         or cos.shape != (x.shape[0], 1, x.shape[2])
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and x.requires_grad)
     ):
         return None
-    return cpu_kernels.kernel()
+    return cpu_kernels.kernel_for(x, cos, sin)

@@ -129,7 +129,7 @@ inline void block(const float* __restrict__ x, const T* __restrict__ w, const fl
 // sequential stream per thread, which the hardware prefetchers follow. Interleaving 8 rows (8
 // streams 4 KB apart) read 25-35 GB/s on a 2-core EPYC (AVX-512) where one row read 40-63,
 // bfloat16 from 27 to 63. With more rows of x the product is bound by arithmetic, not memory:
-// chunks of 4 rows of x meet R weight rows at once, so each vector loaded serves several FMAs
+// chunks of FEW rows of x meet R weight rows at once, so each vector loaded serves several FMAs
 // (R = 1 there had made 32 rows 2x slower).
 constexpr int FEW = 4;
 constexpr int R_MANY = REGISTERS >= 32 ? 4 : 2;
@@ -167,8 +167,8 @@ void rows(const float* x, int64_t M, const T* w, const float* bias, int64_t K, i
   if (M <= FEW) return tile_of<T, O, 1>(M, x, w, bias, K, n0, n1, y, N);
   for (int64_t t = n0; t < n1; t += TILE) {
     const int64_t t1 = std::min(n1, t + TILE);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t m = std::min<int64_t>(4, M - m0);
+    for (int64_t m0 = 0; m0 < M; m0 += FEW) {
+      const int64_t m = std::min<int64_t>(FEW, M - m0);
       tile_of<T, O, R_MANY>(m, x + m0 * K, w, bias, K, t, t1, y + m0 * N, N);
     }
   }
