@@ -4,8 +4,10 @@ float16 in float32 blocks) against ``F.linear`` in float32 on the same weights."
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +61,7 @@ def test_skinny_kernel_rejects_bad_shapes(skinny: object) -> None:
 def test_decode_rows_take_the_skinny_kernel(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A plain weight with up to SKINNY_MAX_ROWS rows of x (3-D, strided) goes through the
+    """A plain weight with up to skinny_max_rows rows of x (3-D, strided) goes through the
     kernel; one row more does not; ``SKINNY`` off (``MGPU_CPU_SKINNY=0``) never."""
     calls: list[int] = []
     real = matmul._skinny_linear
@@ -73,7 +75,7 @@ def test_decode_rows_take_the_skinny_kernel(
     monkeypatch.setattr(matmul, "_skinny_linear", counting)
     torch.manual_seed(6)
     w = (torch.randn(40, 24) * 0.1).to(dtype)
-    limit = matmul.SKINNY_MAX_ROWS[dtype]
+    limit = matmul.skinny_max_rows(dtype)
     for rows in (1, limit, limit + 1):
         x = torch.randn(1, rows, 48).to(dtype)[..., ::2]
         got = dense_linear(x, w)
@@ -207,3 +209,32 @@ def test_default_threshold_is_read_from_the_environment() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MGPU_CPU_ONEDNN_MIN_ELEMENTS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == str(2**19), out.stderr
+
+
+def test_native_bfloat16_follows_the_cpu(skinny: object) -> None:
+    """The vdpbf16ps path is compiled exactly where the CPU has AVX512-BF16 (``-march=native``),
+    and only then do plain bfloat16 weights take the kernel beyond 4 rows."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() not in ("x86_64", "AMD64") or not flags:
+        pytest.skip("reads x86 CPU flags from /proc/cpuinfo")
+    native = " avx512_bf16" in flags
+    assert skinny.skinny_native_bf16() == native
+    assert matmul.skinny_native_bfloat16() == native
+    assert matmul.skinny_max_rows(torch.bfloat16) == (
+        matmul.NATIVE_BF16_MAX_ROWS
+        if native
+        else (32 if torch.bfloat16 in matmul.UPCAST_DTYPES else 4)
+    )
+
+
+@pytest.mark.parametrize("k", [7, 32, 64, 300])
+def test_bfloat16_by_bfloat16_every_remainder(skinny: object, k: int) -> None:
+    """bfloat16 x and weight (the native path where there is one): inputs shorter than one vector,
+    exact vectors, and a long remainder, at every chunk of rows."""
+    torch.manual_seed(7)
+    w = (torch.randn(37, k) * 0.05).bfloat16()
+    for rows in (1, 3, 4, 5, 9, 32):
+        x = torch.randn(rows, k).bfloat16()
+        want = F.linear(x.float(), w.float())
+        got = skinny.skinny_linear(x, w)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)

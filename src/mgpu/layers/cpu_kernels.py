@@ -8,8 +8,9 @@
   value is read once and only the output is written.
 - **Skinny products** (``skinny_linear_cpu.cpp``): ``x W^T + b`` for the few rows of a decode
   step, the weight streamed once from memory by all threads in contiguous ranges, converted to
-  float32 in registers (float32, bfloat16 and float16 weights). :mod:`mgpu.layers.matmul` says
-  when it is used and what it replaced.
+  float32 in registers (float32, bfloat16 and float16 weights), or, for bfloat16 rows by a
+  bfloat16 weight on CPUs with AVX512-BF16, multiplied as bfloat16 pairs without the widening.
+  :mod:`mgpu.layers.matmul` says when it is used and what it replaced.
 - **RMSNorm with its residual add** (``rms_norm_cpu.cpp``) and **rotary embedding**
   (``rotary_cpu.cpp``): one call each instead of five to seven operators
   (:mod:`mgpu.layers.norm`, :mod:`mgpu.layers.rotary`).
