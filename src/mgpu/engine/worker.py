@@ -98,7 +98,7 @@ class WorkerInit:
 
 
 #: libgomp's spins before a waiting thread sleeps, for workers sharing the engine's cores.
-SHARED_CORE_SPINCOUNT = 3000
+SHARED_CORE_SPINCOUNT = 30000
 
 
 def launch(init: WorkerInit) -> subprocess.Popen:
@@ -114,9 +114,16 @@ def launch(init: WorkerInit) -> subprocess.Popen:
     if init.omp_passive and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & env.keys():
         # Read by OpenMP when torch loads, so set before the start. Passive, but spinning a
         # moment first: the next operator of a step comes within microseconds, the next step
-        # after the engine's host work. On 2 shared cores (2026-12-02, 140M Llama fp32) this
-        # gave 49-54 tokens/s single stream against 32-37 passive and 18 spinning, and 5-12%
-        # more at 32 clients; the demo model 375 against 228-248.
+        # after the engine's host work. On 2 shared cores (2026-12-02, a Sapphire Rapids Xeon,
+        # 140M Llama fp32) 3000 spins gave 49-54 tokens/s single stream against 32-37 passive
+        # and 18 spinning, and 5-12% more at 32 clients; the demo model 375 against 228-248.
+        # On a 2-core EPYC (AVX-512, 2026-12-04; engines alive together, timed in turns)
+        # 30000 spins gave the 140M Llama 55.1 against 49.8 tokens/s (3000) in fp16 and 30.8
+        # against 28.6 in fp32 (300000: 54.5 and 30.5), and the demo model 334 against 363
+        # (300000: 278). Likely causes: at 3000 a thread that finishes its share of a product
+        # first may fall asleep at the barrier before the other arrives; the longer a thread
+        # spins between steps, the more it takes from the engine's host work on the same
+        # cores, which weighs on a small model's short steps.
         env["OMP_WAIT_POLICY"] = "PASSIVE"
         env["GOMP_SPINCOUNT"] = str(SHARED_CORE_SPINCOUNT)
     # -P (Python 3.11+): the caller's working directory is not put first on the import path.
