@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from mgpu.engine.worker import SHARED_CORE_SPINCOUNT
+from mgpu.config import ModelConfig, ParallelConfig
+from mgpu.engine.worker import (
+    LONG_SPIN_MIN_PARAMS,
+    SHARED_CORE_SPINCOUNT,
+    SHARED_CORE_SPINCOUNT_LONG,
+    shared_core_spincount,
+)
+from mgpu.memory import rank_weights
+from mgpu.models.loader import demo_model_path
 
 
 def _readme_example() -> str:
@@ -66,3 +74,29 @@ def test_workers_on_the_engines_cores_wait_passively(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with LLM(device="cpu", cpu_reserved_cores=0, max_model_len=128) as llm:
         assert _worker_env(llm).get("OMP_WAIT_POLICY") == "ACTIVE"
+
+
+def test_spin_grows_with_the_parameters_a_rank_holds() -> None:
+    """The demo model spins briefly; a ~140M Llama long, whether whole on one rank or split
+    in two; split so far that a rank holds fewer than LONG_SPIN_MIN_PARAMS, briefly again."""
+    demo = ModelConfig.from_file(demo_model_path())
+    assert shared_core_spincount(demo, ParallelConfig()) == SHARED_CORE_SPINCOUNT
+    big = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 1024,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "vocab_size": 32000,
+            "tie_word_embeddings": True,
+        }
+    )
+    per_rank = rank_weights(big, 1).matrix_elements
+    assert per_rank // 2 >= LONG_SPIN_MIN_PARAMS > per_rank // 8
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        layout = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        assert shared_core_spincount(big, layout) == SHARED_CORE_SPINCOUNT_LONG
+    split = ParallelConfig(tensor_parallel_size=4, pipeline_parallel_size=2)
+    assert shared_core_spincount(big, split) == SHARED_CORE_SPINCOUNT

@@ -42,6 +42,7 @@ from typing import Any
 
 from mgpu.config import CacheConfig, ModelConfig, ParallelConfig
 from mgpu.distributed.shm import ShmFiles
+from mgpu.memory import rank_weights
 
 #: Seconds between two heartbeats of a worker.
 HEARTBEAT_S = 0.25
@@ -72,8 +73,8 @@ class WorkerInit:
         tp_shm: shared buffers of this rank's TP group, when its ranks share a CPU host.
         control_threads: gloo threads of the control group (see ``ControlPlane``).
         timeout_s: how long a collective or a control transfer may wait for a peer.
-        omp_passive: start with ``OMP_WAIT_POLICY=PASSIVE`` and a short spin
-            (:data:`SHARED_CORE_SPINCOUNT`) unless the caller's environment sets either (CPU
+        omp_passive: start with ``OMP_WAIT_POLICY=PASSIVE`` and a bounded spin
+            (:func:`shared_core_spincount`) unless the caller's environment sets either (CPU
             workers sharing the engine process's cores, see ``cpu_shares``).
     """
 
@@ -97,8 +98,30 @@ class WorkerInit:
     omp_passive: bool = False
 
 
-#: libgomp's spins before a waiting thread sleeps, for workers sharing the engine's cores.
-SHARED_CORE_SPINCOUNT = 30000
+#: libgomp's spins before a waiting thread sleeps, for workers sharing the engine's cores: the
+#: short spin of a rank holding few parameters, the long one from :data:`LONG_SPIN_MIN_PARAMS`
+#: (see :func:`shared_core_spincount`).
+SHARED_CORE_SPINCOUNT = 3000
+SHARED_CORE_SPINCOUNT_LONG = 30000
+#: Matrix parameters per rank from which its workers spin the long count.
+LONG_SPIN_MIN_PARAMS = 32_000_000
+
+
+def shared_core_spincount(model_config: ModelConfig, parallel_config: ParallelConfig) -> int:
+    """libgomp's spin count for workers of this layout sharing the engine's cores.
+
+    A rank's products take longer the more parameters it holds, and so do the gaps between its
+    two threads reaching a product's end; a thread that stops spinning first sleeps, and waking
+    it costs more than the spin. A small model's steps are short and its engine's host work is a
+    large part of each token, which a long spin takes cores from. Measured on a 2-core EPYC
+    (2026-12-04, ``GOMP_SPINCOUNT`` 3000 against 30000, runs alternated): the 140M Llama in
+    fp16 through ``mgpu serve`` 62.8-66.5 against 50.3-64.2 tokens/s single stream, 182-200
+    against 164-167 at 8 clients, even at 32; the 4.2M demo model 198-243 against 225-356
+    single stream and 1774-1875 against 1963-2039 at 32 clients.
+    """
+    tp, pp = parallel_config.tensor_parallel_size, parallel_config.pipeline_parallel_size
+    params = rank_weights(model_config, tp).matrix_elements // pp
+    return SHARED_CORE_SPINCOUNT_LONG if params >= LONG_SPIN_MIN_PARAMS else SHARED_CORE_SPINCOUNT
 
 
 def launch(init: WorkerInit) -> subprocess.Popen:
@@ -117,15 +140,10 @@ def launch(init: WorkerInit) -> subprocess.Popen:
         # after the engine's host work. On 2 shared cores (2026-12-02, a Sapphire Rapids Xeon,
         # 140M Llama fp32) 3000 spins gave 49-54 tokens/s single stream against 32-37 passive
         # and 18 spinning, and 5-12% more at 32 clients; the demo model 375 against 228-248.
-        # On a 2-core EPYC (AVX-512, 2026-12-04; engines alive together, timed in turns)
-        # 30000 spins gave the 140M Llama 55.1 against 49.8 tokens/s (3000) in fp16 and 30.8
-        # against 28.6 in fp32 (300000: 54.5 and 30.5), and the demo model 334 against 363
-        # (300000: 278). Likely causes: at 3000 a thread that finishes its share of a product
-        # first may fall asleep at the barrier before the other arrives; the longer a thread
-        # spins between steps, the more it takes from the engine's host work on the same
-        # cores, which weighs on a small model's short steps.
+        # On a 2-core EPYC (2026-12-04) larger models gained from a longer spin and the demo
+        # model lost (:func:`shared_core_spincount`).
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-        env["GOMP_SPINCOUNT"] = str(SHARED_CORE_SPINCOUNT)
+        env["GOMP_SPINCOUNT"] = str(shared_core_spincount(init.model_config, init.parallel_config))
     # -P (Python 3.11+): the caller's working directory is not put first on the import path.
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     proc = subprocess.Popen(
