@@ -1,5 +1,6 @@
-"""The rotary embedding's CPU kernel (``cpu_kernels.rotary``, float32) against the PyTorch form
-it replaces, on the same inputs: a strided view of the fused projection, every token count."""
+"""The rotary embedding's CPU kernel (``cpu_kernels.rotary``) against the PyTorch form it
+replaces, on the same inputs: a strided view of the fused projection, every token count, float32
+within the last place and bfloat16/float16 bit for bit."""
 
 from __future__ import annotations
 
@@ -43,15 +44,29 @@ def test_kernel_rejects_bad_shapes() -> None:
         kernel.rotary(torch.randn(2, 3, 7), torch.ones(2, 1, 7), torch.ones(2, 1, 7))
     with pytest.raises(RuntimeError, match="cos and sin \\(tokens, 1, d\\)"):
         kernel.rotary(torch.randn(2, 3, 8), torch.ones(3, 1, 8), torch.ones(3, 1, 8))
-    with pytest.raises(RuntimeError, match="float32 x, cos and sin"):
+    with pytest.raises(RuntimeError, match="of one dtype"):
         kernel.rotary(torch.randn(2, 3, 8), cos.half(), cos.half())
+    with pytest.raises(RuntimeError, match="of one dtype"):
+        kernel.rotary(torch.randn(2, 3, 8).double(), cos.double(), cos.double())
 
 
+@pytest.mark.parametrize("d", [8, 64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_dtypes_keep_the_pytorch_form(dtype: torch.dtype) -> None:
-    x = torch.randn(2, 3, 8).to(dtype)
-    rope = RotaryEmbedding(8, 64, 10000.0, None)(torch.arange(2), dtype)
-    assert rotary._cpu_kernel(x, *rope) is None
+def test_half_dtypes_round_as_the_pytorch_form(
+    dtype: torch.dtype, d: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half dimensions below one vector, of whole vectors, and with a remainder (80: 40 lanes):
+    the kernel rounds each product and the sum as the PyTorch form's operators do."""
+    torch.manual_seed(d)
+    tokens, heads = 33, 5
+    rope = RotaryEmbedding(d, 4096, 10000.0, None)(torch.arange(tokens) * 53 + 1, dtype)
+    qkv = (torch.randn(tokens, (heads + 2) * d) * 3).to(dtype)
+    x = qkv[:, : heads * d].view(tokens, heads, d)
+    assert rotary._cpu_kernel(x, *rope) is not None
+    want = pytorch_form(x, rope, monkeypatch)
+    got = apply_rotary(x, rope)
+    assert got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got, want)
 
 
 def test_pytorch_form_under_autograd() -> None:

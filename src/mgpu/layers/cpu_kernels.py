@@ -28,6 +28,7 @@ test_attention.py, test_dense_linear.py, test_norm.py and test_rotary.py running
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -49,6 +50,9 @@ _NAMES = (
     "bindings.cpp",
 )
 SOURCES = [_CSRC / name for name in _NAMES]
+#: Headers the sources include: torch rebuilds on a change of the sources or the flags, not of
+#: a header, so their digest goes into the flags (:func:`_header_digest`).
+HEADERS = [_CSRC / "vec.h"]
 #: The extension's name; torch rebuilds it by itself when the source or the flags change. It
 #: names the CPU's vector ISA too: a ``-march=native`` build from an AVX-512 machine must not be
 #: loaded from a shared home directory on an AVX2 one.
@@ -104,6 +108,14 @@ def kernel_for(*tensors: torch.Tensor) -> ModuleType | None:
     return kernel()
 
 
+def _header_digest() -> str:
+    """A short digest of :data:`HEADERS`' contents."""
+    digest = hashlib.sha256()
+    for header in HEADERS:
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     try:
@@ -125,7 +137,13 @@ def _build() -> ModuleType | None:
             # on one thread. The libgomp it needs is the one torch has already loaded (same
             # soname), so the kernel shares torch's thread pool and wait policy. -ffast-math
             # lets the dot products and exp vectorise; the scores have no infinities or NaNs.
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_cflags=[
+                "-O3",
+                "-march=native",
+                "-ffast-math",
+                "-fopenmp",
+                f"-DMGPU_HEADERS_DIGEST={_header_digest()}",
+            ],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -67,8 +67,9 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate x (tokens, heads, d) by RotaryEmbedding's (cos, sin), each (tokens, 1, d).
 
-    On CPU in float32, one call of :mod:`mgpu.layers.cpu_kernels`'s ``rotary`` (the PyTorch form
-    below is seven operators, whose dispatch is the whole cost at a decode step's few tokens);
+    On CPU, one call of :mod:`mgpu.layers.cpu_kernels`'s ``rotary`` (the PyTorch form below is
+    seven operators, whose dispatch is the whole cost at a decode step's few tokens; in bfloat16
+    and float16 the kernel rounds where they round, so its result is theirs bit for bit);
     not inside ``torch.compile``'s tracing (Inductor fuses the
     PyTorch form) or autograd's recording.
     """
@@ -87,7 +88,7 @@ def _cpu_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Module
     if (
         x.dim() != 3
         or x.stride(-1) != 1
-        or x.dtype != torch.float32  # see csrc/rotary_cpu.cpp: half dtypes keep the PyTorch form
+        or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
         or cos.dtype != x.dtype
         or sin.dtype != x.dtype
         or cos.shape != (x.shape[0], 1, x.shape[2])

@@ -19,14 +19,13 @@
 //   weight   (N, K) float32 / bfloat16 / float16, contiguous
 //   bias     (N,) or none, any of the three dtypes
 //   returns  (M, N) in x's dtype
-// Vectors are GCC vector extensions of the machine's widest float register (the kernel is built
-// with -march=native where it runs): 16 floats with AVX-512, 8 with AVX2.
+// Vectors and their loads are vec.h's: GCC vector extensions of the machine's widest float
+// register (the kernel is built with -march=native where it runs), 16 floats with AVX-512, 8
+// with AVX2.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -34,60 +33,6 @@
 #include <type_traits>
 
 namespace {
-
-#if defined(__AVX512F__)
-constexpr int V = 16;
-constexpr int REGISTERS = 32;
-#else
-constexpr int V = 8;
-constexpr int REGISTERS = 16;
-#endif
-
-typedef float vf __attribute__((vector_size(V * 4)));
-typedef uint16_t vu16 __attribute__((vector_size(V * 2)));
-typedef uint32_t vu32 __attribute__((vector_size(V * 4)));
-
-// V consecutive elements at p as float32 (unaligned loads; the conversions stay in registers).
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline vf load(const at::BFloat16* p) {
-  // bfloat16 is float32's top half: widen to 32 bits, shift. One vpmovzxwd from memory (GCC 12
-  // splits __builtin_convertvector of 16 lanes into two halves and an insert).
-#if defined(__AVX512F__)
-  const __m512i bits = _mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
-#elif defined(__AVX2__)
-  const __m256i bits = _mm256_slli_epi32(
-      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-#else
-  vu16 h;
-  std::memcpy(&h, p, sizeof h);
-  const vu32 bits = __builtin_convertvector(h, vu32) << 16;
-#endif
-  vf v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
-inline vf load(const at::Half* p) {
-  // vcvtph2ps: GCC 12 turns __builtin_convertvector of _Float16 vectors into one scalar
-  // conversion per element (the float16 kernel read 10 GB/s, against 35-40 for bfloat16).
-#if defined(__AVX512F__)
-  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
-  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  vf v;
-  for (int i = 0; i < V; ++i) v[i] = static_cast<float>(p[i]);
-#endif
-  vf out;
-  std::memcpy(&out, &v, sizeof out);
-  return out;
-}
 
 inline float hsum(vf v) {
   float s = 0.f;
