@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,7 +108,7 @@ def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
         monkeypatch.setattr(PagedAttention, "_decode_gathered", refuse)
     else:
-        monkeypatch.setenv("MGPU_CPU_KERNELS", "0")
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     return request.param
 
 
@@ -164,9 +166,15 @@ def test_kernel_build_failure_keeps_the_gather_path(
     assert "gathers the cache instead" in caplog.text and "g++" in caplog.text
 
 
-def test_kernel_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MGPU_CPU_KERNELS", "0")
-    assert cpu_kernels.kernel() is None
+def test_kernel_off_by_environment() -> None:
+    """``MGPU_CPU_KERNELS=0``, read when the module is imported (as a worker does at its start)."""
+    code = (
+        "import torch; from mgpu.layers import cpu_kernels; "
+        "assert not cpu_kernels.ENABLED and cpu_kernels.kernel() is None; "
+        "assert cpu_kernels.kernel_for(torch.ones(1)) is None"
+    )
+    env = {**os.environ, "MGPU_CPU_KERNELS": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
 def test_single_fresh_prompt_and_padding(decode_path: str) -> None:
