@@ -176,17 +176,28 @@ def test_window_ratio_and_fraction() -> None:
     assert communication_fraction([]) == 0.0
 
 
+def settled_timings(llm: LLM) -> dict[int, Any]:
+    """Every rank's timings up to now, give or take one step: after a pause of a gather period,
+    a two-step request's first step starts a gather, which its second step's reply brings back.
+    Without it a request shorter than :data:`TIMING_EVERY_S` (24 demo-model steps can take 80 ms)
+    may start no gather at all, and the readings around it would be equal."""
+    time.sleep(TIMING_EVERY_S)
+    flush = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    llm.generate(["flush"], flush, use_tqdm=False)
+    return llm.engine.executor.rank_timings()
+
+
 def test_tp2_engine_ranks_stay_even() -> None:
     """Without MGPU_TEST_SLOW_RANK the two shards of a TP=2 engine compute alike; the timings
-    arrive with the step replies, so they are current as soon as ``generate`` returns."""
+    arrive with the step replies (a step or two behind)."""
     llm = LLM(tensor_parallel_size=2, device="cpu")
     try:
-        executor = llm.engine.executor
         params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
         llm.generate(["warm up"], SamplingParams(max_tokens=2), use_tqdm=False)
-        before, start = executor.rank_timings(), time.monotonic()
+        before, start = settled_timings(llm), time.monotonic()
         llm.generate(["hello there", "tensor parallel"], params, use_tqdm=False)
-        after, seconds = executor.rank_timings(), time.monotonic() - start
+        seconds = time.monotonic() - start
+        after = settled_timings(llm)
     finally:
         llm.shutdown()
     windows = [window(r, before[r], after[r], seconds) for r in (0, 1)]
