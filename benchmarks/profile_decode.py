@@ -112,9 +112,11 @@ def engine_rate(path: Path, tokens: int = 64) -> float:
 #: given here wins, see ``engine.worker.launch``); ``cpu_reserved_cores=1`` is the default
 #: before 2026-12-02 on 2 cores; ``MGPU_CPU_ONEDNN=0`` is ``F.linear`` (MKL) for every product, as
 #: until oneDNN took CPU products over on 2026-12-02 (``layers.matmul``);
-#: ``MGPU_CPU_KERNELS=0`` is decode attention through the gather path (``cpu_kernels``).
+#: ``MGPU_CPU_KERNELS=0`` is decode attention through the gather path (``cpu_kernels``);
+#: ``async_scheduling=False`` runs one step at a time (no step looked ahead, ``engine.scheduler``).
 SETTINGS: dict[str, tuple[dict, dict[str, str]]] = {
     "defaults": ({}, {}),
+    "async_scheduling=False": ({"async_scheduling": False}, {}),
     "OMP_WAIT_POLICY=ACTIVE": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),
     "cpu_reserved_cores=1": ({"cpu_reserved_cores": 1}, {}),
     "cpu_reserved_cores=1, PASSIVE": ({"cpu_reserved_cores": 1}, {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -125,7 +127,9 @@ SETTINGS: dict[str, tuple[dict, dict[str, str]]] = {
 }
 
 
-def settings_rates(path: Path, names: list[str], rounds: int = 4, tokens: int = 64) -> None:
+def settings_rates(
+    path: Path, names: list[str], rounds: int = 4, tokens: int = 64, dtype: str = "float32"
+) -> None:
     """Print single-stream tokens/s of ``LLM(...)`` under each of :data:`SETTINGS` in ``names``,
     the engines alive at once and timed in turns (best of ``rounds``), with each one's start-up
     time. A setting's environment reaches only its workers (they read it when they start)."""
@@ -137,7 +141,7 @@ def settings_rates(path: Path, names: list[str], rounds: int = 4, tokens: int = 
             kwargs, env = SETTINGS[name]
             with mock.patch.dict(os.environ, env):  # read by its workers as they start
                 begin = time.perf_counter()
-                llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=512, **kwargs)
+                llm = LLM(str(path), device="cpu", dtype=dtype, max_model_len=512, **kwargs)
             llms[name] = llm
             llm.generate([prompt], params, use_tqdm=False)  # warm-up (and compilation)
             started[name] = time.perf_counter() - begin
@@ -150,7 +154,7 @@ def settings_rates(path: Path, names: list[str], rounds: int = 4, tokens: int = 
     finally:
         for llm in llms.values():
             llm.shutdown()
-    print(f"\n{path.name}: single stream through LLM(...), engines timed in turns")
+    print(f"\n{path.name} ({dtype}): single stream through LLM(...), engines timed in turns")
     for name in llms:
         print(f"  {name:34s} {best[name]:7.1f} tokens/s  start-up + warm-up {started[name]:.1f} s")
 
@@ -169,13 +173,16 @@ def main() -> None:
         choices=list(SETTINGS),
         help="only compare these LLM(...) settings (no names: all of them)",
     )
+    parser.add_argument("--dtype", default="float32", help="dtype of the --settings engines")
+    parser.add_argument("--rounds", type=int, default=4, help="turns of the --settings engines")
     args = parser.parse_args()
     if args.settings is not None:
         names = args.settings or list(SETTINGS)
         with tempfile.TemporaryDirectory() as tmp:
-            settings_rates(demo_model_path(), names)
+            settings_rates(demo_model_path(), names, args.rounds, dtype=args.dtype)
             if not args.skip_big:
-                settings_rates(make_big_model(Path(tmp) / "llama-140m"), names)
+                big = make_big_model(Path(tmp) / "llama-140m")
+                settings_rates(big, names, args.rounds, dtype=args.dtype)
         return
     threads = args.threads or len(cpu_shares(1)[0])
     torch.set_num_threads(threads)

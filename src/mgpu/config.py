@@ -564,6 +564,12 @@ class EngineArgs:
         "steps outstanding at once (default: the pipeline stages, so every stage works, but 1 "
         "on CPU when no core is left beyond the ranks; 1: one step at a time)",
     )
+    async_scheduling: bool = _arg(
+        True,
+        "schedule step N+1 before step N returns, feeding decoding sequences the tokens step N "
+        "samples (the workers fill them in), so workers never wait on the engine between steps; "
+        "single-stage layouts (vLLM's flag; --no-async-scheduling runs one step at a time)",
+    )
     nnodes: int = _arg(1, "machines the ranks are spread over (torchrun's name)", group="nodes")
     node_rank: int = _arg(0, "this machine's index; 0 serves and schedules", group="nodes")
     master_addr: str = _arg("127.0.0.1", "address of node 0 (the rendezvous)", group="nodes")
@@ -729,6 +735,7 @@ class EngineArgs:
             "enforce_eager": self.enforce_eager,
             "enable_prefix_caching": self.enable_prefix_caching,
             "max_steps_in_flight": self.max_steps_in_flight,
+            "async_scheduling": self.async_scheduling,
             "nnodes": self.nnodes,
             "master_addr": self.master_addr,
             "master_port": self.master_port,

@@ -65,16 +65,24 @@ def test_concurrent_sequences_match_transformers(reference, tp: int, pp: int) ->
         assert most_in_flight == pp - 1 or most_in_flight == pp
 
 
-def test_one_stage_overlaps_post_processing(reference) -> None:
-    """PP=1: step N+1 is already submitted when step N's outputs come back to the caller."""
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["one-ahead", "lookahead"])
+def test_one_stage_overlaps_post_processing(reference, async_scheduling: bool) -> None:
+    """PP=1: step N+1 is already submitted when step N's outputs come back to the caller, and
+    with async scheduling step N+2 too, which decodes the token step N+1 samples."""
     path, expected = reference
-    with LLM(str(path), device="cpu", dtype="float32", num_blocks=64) as llm:
+    with LLM(
+        str(path), device="cpu", dtype="float32", num_blocks=64, async_scheduling=async_scheduling
+    ) as llm:
         engine = llm.engine
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         engine.add_request("0", None, params, prompt_token_ids=PROMPTS[3])
-        overlapped = 0
+        in_flight = []
         while engine.has_unfinished_requests():
             outs = engine.step()
-            overlapped += engine.executor.num_in_flight == 1 and not outs[0].finished
+            in_flight.append(engine.executor.num_in_flight)
         assert outs[0].outputs[0].token_ids == expected[3]
-        assert overlapped == NEW_TOKENS - 1
+        if async_scheduling:
+            # No look-ahead behind the step that samples the last token.
+            assert in_flight == [2] * (NEW_TOKENS - 2) + [1, 0]
+        else:
+            assert in_flight == [1] * (NEW_TOKENS - 1) + [0]

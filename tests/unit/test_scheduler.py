@@ -96,3 +96,44 @@ def test_never_drops_a_sequence_that_fits_alone() -> None:
                 sched.finish(s)
     assert not sched.has_unfinished()
     assert all(len(s.output_token_ids) >= 8 for s in seqs)
+
+
+def test_lookahead_decodes_the_pending_token() -> None:
+    sched = Scheduler(SchedulerConfig(max_model_len=64), BlockManager(3, 4))
+    a = seq(0, 4)  # a 4-token prompt fills one block
+    sched.add(a)
+    [first] = sched.schedule().scheduled
+    assert (first.num_tokens, first.samples, first.deferred, first.start_pos) == (4, True, False, 0)
+    # Its prefill in flight, a decodes the token it samples at position 4, in a second block.
+    [ahead] = sched.schedule(busy={0}, lookahead={0}).scheduled
+    assert (ahead.num_tokens, ahead.samples, ahead.deferred, ahead.start_pos) == (1, True, True, 4)
+    assert len(a.block_table) == 2
+    # Once the prefill is collected, the looked-ahead step is the one in flight: the next one
+    # looks ahead of it, one position further.
+    a.num_computed_tokens, a.output_token_ids = 4, [1]
+    [again] = sched.schedule(busy={0}, lookahead={0}).scheduled
+    assert again.deferred and again.start_pos == 5
+
+
+def test_lookahead_never_preempts_and_skips_last_tokens() -> None:
+    sched = Scheduler(SchedulerConfig(max_model_len=64), BlockManager(2, 4))
+    a, b = seq(0, 4), seq(1, 4)
+    sched.add(a)
+    sched.add(b)
+    assert len(sched.schedule().scheduled) == 2  # one block each: the cache is full
+    # Both in flight and both would need a second block: neither is looked ahead, and neither is
+    # pre-empted for the other (they are in flight).
+    out = sched.schedule(busy={0, 1}, lookahead={0, 1})
+    assert out.scheduled == [] and out.preempted == [] and sched.running == [a, b]
+    # A sequence whose pending token is its last is not looked ahead.
+    last = Scheduler(SchedulerConfig(max_model_len=64), BlockManager(4, 4))
+    c = Sequence(2, "r2", 0, [1, 2, 3], SamplingParams(), max_tokens=1)
+    last.add(c)
+    last.schedule()
+    assert last.schedule(busy={2}, lookahead={2}).scheduled == []
+    # Nor one whose pending token fills the context.
+    edge = Scheduler(SchedulerConfig(max_model_len=8), BlockManager(4, 4))
+    d = seq(3, 7)
+    edge.add(d)
+    edge.schedule()
+    assert edge.schedule(busy={3}, lookahead={3}).scheduled == []

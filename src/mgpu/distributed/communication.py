@@ -1,10 +1,11 @@
 """The collectives of the model, in one place (STYLE.md convention 2).
 
 Only the row-parallel linear, the vocab-parallel embedding, the LM head and the pipeline hand-off
-call these, and the worker calls :func:`gather_step_timings` once per step. Each is a no-op when
-its group has one rank. Each one that moves the model's data is timed by this rank's
-:data:`~mgpu.monitor.timing.TIMER` (a clock read on either side); the shared-memory ones also
-report how long they waited for a peer to arrive.
+call these, the worker calls :func:`gather_step_timings` once per step, and the model runner
+:func:`tp_broadcast_tokens` before a step that feeds tokens only the output rank knows.
+Each is a no-op when its group has one rank. Each one that moves the model's data is timed by
+this rank's :data:`~mgpu.monitor.timing.TIMER` (a clock read on either side); the shared-memory
+ones also report how long they waited for a peer to arrive.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
         parts = [torch.empty_like(x) for _ in range(tp)] if is_dst else None
         dist.gather(x, parts, dst=ps.tp_first_rank(), group=ps.get_tp_group())
     return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+def tp_broadcast_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``x`` (n,) int64 with TP rank 0's ``x`` on every rank of the TP group, in place.
+
+    The output rank (TP rank 0 of the last stage) alone samples; the other ranks of a
+    single-stage layout get the tokens it sampled this way when the next step feeds them
+    (async scheduling). It is the step's first collective, so a rank that reaches it late is
+    waited for here: timed like the others, so that wait counts as waiting, not compute.
+    """
+    if ps.get_tp_size() == 1:
+        return x
+    with TIMER.collective():
+        shm = ps.get_tp_shm()
+        if shm is not None and shm.fits(x):
+            return _shm_timed(shm, shm.broadcast_first, x)
+        dist.broadcast(x, src=ps.tp_first_rank(), group=ps.get_tp_group())
+        return x
 
 
 def pp_send(x: torch.Tensor) -> dist.Work:

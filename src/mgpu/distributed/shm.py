@@ -142,6 +142,13 @@ class ShmGroup:
         return x
 
     @torch.compiler.disable
+    def broadcast_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``x`` with rank 0's ``x``, in place, on every rank."""
+        parts = self._publish(x)
+        x.copy_(parts[0].view(x.shape))
+        return x
+
+    @torch.compiler.disable
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate ``x`` along its last dim onto rank 0; other ranks get None."""
         parts = self._publish(x)

@@ -7,6 +7,7 @@ the HTTP server are both thin loops around these three calls.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -33,7 +34,7 @@ from mgpu.engine.cuda_graph import GRAPH_SHAPED_ENV, MAX_GRAPH_KEYS, GraphReport
 from mgpu.engine.detokenizer import detokenize_incrementally
 from mgpu.engine.executor import Executor, LaunchConfig
 from mgpu.engine.headless import resolve_engine
-from mgpu.engine.messages import SeqChunk, StepInput
+from mgpu.engine.messages import DEFERRED_TOKEN, SeqChunk, StepInput
 from mgpu.engine.model_runner import RankReport
 from mgpu.engine.scheduler import ScheduledSeq, Scheduler
 from mgpu.engine.sequence import Sequence
@@ -154,6 +155,9 @@ class LLMEngine:
         max_steps_in_flight: micro-batches outstanding at once (default: one per pipeline stage,
             but one on CPU when the machine has no core beyond the ranks; 1 runs one step at a
             time).
+        async_scheduling: with a single pipeline stage, submit step N+1 before step N returns,
+            its decoding sequences fed the tokens step N samples (the workers fill them in), so
+            the workers never wait for the engine between steps (vLLM's async scheduling).
         nnodes: machines the ranks are spread over; node 0 (this process) hosts the rendezvous.
         master_addr: node 0's address, as the other nodes reach it.
         master_port: the rendezvous port (0: any free one, single node only).
@@ -195,6 +199,7 @@ class LLMEngine:
         tokenizer: str | None = None,
         chat_template: str | None = None,
         max_steps_in_flight: int | None = None,
+        async_scheduling: bool = True,
         nnodes: int = 1,
         master_addr: str = "127.0.0.1",
         master_port: int = 0,
@@ -232,6 +237,11 @@ class LLMEngine:
         self.max_steps_in_flight = max_steps_in_flight or self._default_steps_in_flight()
         if self.max_steps_in_flight < 1:
             raise ConfigError(f"--max-steps-in-flight must be >= 1, got {max_steps_in_flight}")
+        # A looked-ahead step needs the tokens of the step before it on its first stage: with one
+        # stage the output rank is on it. With several, the stages' micro-batches overlap instead.
+        self.async_scheduling = (
+            async_scheduling and self.parallel_config.pipeline_parallel_size == 1
+        )
         if self.device == "cuda":
             self._check_gpus()
         context = self.model_config.max_position_embeddings
@@ -275,7 +285,7 @@ class LLMEngine:
             cpu_reserved_cores=cpu_reserved_cores,
             compile_decode=compile_decode,
             tp_collective_bytes=self._tp_collective_bytes(),
-            max_steps_in_flight=self.max_steps_in_flight,
+            max_steps_in_flight=self.max_steps_in_flight + self.async_scheduling,
             nnodes=nnodes,
             master_addr=master_addr,
             master_port=master_port,
@@ -634,47 +644,57 @@ class LLMEngine:
             return drained + outputs
 
     def _fill_pipeline(self) -> None:
-        """Submit steps until ``max_steps_in_flight`` are in flight or nothing is left to run."""
+        """Submit steps until ``max_steps_in_flight`` are in flight or nothing is left to run;
+        with async scheduling, then one more, which looks ahead of the steps in flight: the
+        sequences they sample for decode the sampled tokens in it (see ``Scheduler``)."""
         depth = self.max_steps_in_flight
-        while len(self._in_flight) < depth:
-            busy = {item.seq.seq_id for batch in self._in_flight for item in batch}
+        while len(self._in_flight) < depth + self.async_scheduling:
+            seen = collections.Counter(item.seq.seq_id for b in self._in_flight for item in b)
+            lookahead = set()
+            if self.async_scheduling:
+                # A sequence with one sampling chunk in flight: its next token is that one's.
+                lookahead = {
+                    item.seq.seq_id
+                    for batch in self._in_flight
+                    for item in batch
+                    if item.samples and seen[item.seq.seq_id] == 1 and not item.seq.is_finished
+                }
             max_seqs = self.scheduler_config.max_num_seqs
             free = self.scheduler.waiting and len(self.scheduler.running) < max_seqs
-            ready = sum(1 for seq in self.scheduler.running if seq.seq_id not in busy)
-            ready += len(self.scheduler.waiting) if free else 0
+            ready = sum(1 for seq in self.scheduler.running if seq.seq_id not in seen)
+            ready += len(lookahead) + (len(self.scheduler.waiting) if free else 0)
             if not ready:
                 return
-            # One micro-batch per free slot: the sequences not in flight, cut evenly.
-            per_batch = -(-ready // (depth - len(self._in_flight)))  # ceil
-            plan = self.scheduler.schedule(busy, max_seqs=per_batch)
+            # One micro-batch per free slot: the sequences not in flight, cut evenly (a
+            # look-ahead step takes them all).
+            per_batch = -(-ready // max(1, depth - len(self._in_flight)))  # ceil
+            plan = self.scheduler.schedule(set(seen), max_seqs=per_batch, lookahead=lookahead)
             if not plan.scheduled:
                 return
-            step = StepInput([], finished_seqs=self._to_release)
-            self._to_release = []
-            if self._lora_slots is not None:
-                step.lora_slots = self._lora_slots.assign(
-                    item.seq.lora_id for item in plan.scheduled
-                )
-            for item in plan.scheduled:
-                seq = item.seq
-                start = seq.num_computed_tokens
-                tokens = seq.all_token_ids[start : start + item.num_tokens]
-                step.chunks.append(
-                    SeqChunk(
-                        seq.seq_id,
-                        tokens,
-                        start,
-                        list(seq.block_table),
-                        item.samples,
-                        seq.lora_id,
-                    )
-                )
-                if seq.seq_id not in self._registered:
-                    self._registered.add(seq.seq_id)
-                    step.new_seqs[seq.seq_id] = seq.params
-                    self._first_scheduled(seq)
-            self.executor.submit("execute", step)
-            self._in_flight.append(plan.scheduled)
+            self._submit(plan.scheduled)
+
+    def _submit(self, scheduled: list[ScheduledSeq]) -> None:
+        """Send one scheduled batch to the workers as a step."""
+        step = StepInput([], finished_seqs=self._to_release)
+        self._to_release = []
+        if self._lora_slots is not None:
+            step.lora_slots = self._lora_slots.assign(item.seq.lora_id for item in scheduled)
+        for item in scheduled:
+            seq = item.seq
+            start = item.start_pos
+            tokens = (
+                [DEFERRED_TOKEN]
+                if item.deferred
+                else seq.all_token_ids[start : start + item.num_tokens]
+            )
+            table, lora = list(seq.block_table), seq.lora_id
+            step.chunks.append(SeqChunk(seq.seq_id, tokens, start, table, item.samples, lora))
+            if seq.seq_id not in self._registered:
+                self._registered.add(seq.seq_id)
+                step.new_seqs[seq.seq_id] = seq.params
+                self._first_scheduled(seq)
+        self.executor.submit("execute", step)
+        self._in_flight.append(scheduled)
 
     def _first_scheduled(self, seq: Sequence) -> None:
         """Tell the queue-time listeners how long ``seq`` waited for its first step."""

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from mgpu.sampling import SamplingParams
 
+#: The token id of a looked-ahead decode chunk (async scheduling): the engine does not know it
+#: yet, and the workers feed the token their previous step sampled for the sequence instead.
+DEFERRED_TOKEN = -1
+
 
 @dataclass
 class SeqChunk:
@@ -18,7 +22,9 @@ class SeqChunk:
 
     Attributes:
         seq_id: the sequence.
-        token_ids: tokens fed this step: a prompt chunk, or the last sampled token when decoding.
+        token_ids: tokens fed this step: a prompt chunk, or the last sampled token when decoding
+            (``[DEFERRED_TOKEN]``: the token the sequence's previous step samples, which the
+            engine schedules before it knows it).
         start_pos: position of ``token_ids[0]`` (tokens before it are already in the KV cache).
         block_table: the sequence's KV blocks, covering at least ``start_pos + len(token_ids)``.
         sample: sample a next token after this chunk (false for a non-final prefill chunk).
@@ -31,6 +37,11 @@ class SeqChunk:
     block_table: list[int]
     sample: bool
     lora_id: int = 0
+
+    @property
+    def is_deferred(self) -> bool:
+        """A looked-ahead decode: its one token is the one its previous step sampled."""
+        return self.token_ids == [DEFERRED_TOKEN]
 
     def check_positions(self, max_positions: int) -> None:
         """Refuse a chunk reaching past the model's ``max_position_embeddings`` (ValueError)."""

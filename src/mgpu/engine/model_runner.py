@@ -19,7 +19,7 @@ import torch
 
 from mgpu.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, blocks_for_tokens
 from mgpu.distributed import parallel_state as ps
-from mgpu.distributed.communication import pp_recv, pp_send
+from mgpu.distributed.communication import pp_recv, pp_send, tp_broadcast_tokens
 from mgpu.engine.cuda_graph import (
     GRAPH_EXEC_BYTES,
     DecodeGraphs,
@@ -133,6 +133,9 @@ class ModelRunner:
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.sampler = Sampler(model_config.vocab_size, device) if self.is_output_rank else None
+        # On the output rank: each sequence's newest sampled token, which a looked-ahead chunk
+        # of the next step feeds (async scheduling, ``_fill_deferred``).
+        self._sampled: dict[int, int] = {}
         # Sends of hidden states to the next stage still in progress, with the tensors they read.
         self._sends: list[tuple[torch.distributed.Work, torch.Tensor]] = []
         TIMER.use_cuda(device.type == "cuda")
@@ -430,8 +433,10 @@ class ModelRunner:
         if self.sampler is not None:
             for seq_id in step.finished_seqs:
                 self.sampler.remove(seq_id)
+                self._sampled.pop(seq_id, None)
             for seq_id, params in step.new_seqs.items():
                 self.sampler.add(seq_id, params)
+        self._fill_deferred(step.chunks)
         hidden = self._forward(step)
         if hidden is None:
             return None
@@ -447,7 +452,29 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[index])  # (sampled seqs, vocab) on TP rank 0
         if logits is None or self.sampler is None:
             return None
-        return self.sampler(seq_ids, logits)
+        results = self.sampler(seq_ids, logits)
+        for seq_id, result in zip(seq_ids, results, strict=True):
+            self._sampled[seq_id] = result.token_id  # 0 for a failed row: a valid id to feed
+        return results
+
+    def _fill_deferred(self, chunks: list[SeqChunk]) -> None:
+        """Put the token each looked-ahead chunk feeds in place of its ``DEFERRED_TOKEN``: the one
+        the output rank sampled for the sequence in the previous step, broadcast over the TP
+        group (the engine schedules such chunks only on single-stage layouts, where the output
+        rank is TP rank 0 of the only stage, and every rank runs the steps in order)."""
+        deferred = [chunk for chunk in chunks if chunk.is_deferred]
+        if not deferred:
+            return
+        if not (self.is_first and self.is_last):
+            raise ValueError("a looked-ahead step needs a single pipeline stage")
+        # Only the output rank knows them; the others' zeros are overwritten by the broadcast.
+        sampled = self._sampled
+        tokens = [sampled.pop(c.seq_id) for c in deferred] if self.sampler else [0] * len(deferred)
+        if ps.get_tp_size() > 1:
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            tokens = tp_broadcast_tokens(ids).tolist()
+        for chunk, token in zip(deferred, tokens, strict=True):
+            chunk.token_ids = [token]
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:

@@ -15,6 +15,19 @@ when a sequence finishes or is pre-empted.
 With LoRA, one batch uses at most ``max_loras`` distinct adapters (the base model does not count):
 a running or waiting sequence of another adapter waits for a later step, and the sequences behind
 it go ahead (a waiting one keeps its place in the queue).
+
+With async scheduling the engine schedules step N+1 while step N is in flight. A sequence whose
+step-N chunk samples a token may then be *looked ahead*: step N+1 feeds it that token, which
+the engine does not know yet (the workers fill it in, see ``DEFERRED_TOKEN``), at the position
+after its known tokens::
+
+    known tokens  t0 .. t(T-1)       computed: T-1 (step N feeds t(T-1) and samples tT)
+    step N+1      feeds tT (deferred) at position T, samples t(T+1); needs blocks for T + 1 tokens
+
+A looked-ahead sequence is in flight, so it is never pre-empted; when its blocks run out it just
+waits for the next step. One whose step-N token will be its last (``max_tokens``, the context)
+is not looked ahead; one that stops on that token for another reason (EOS, a stop string) has
+its step-N+1 token dropped by the engine, as vLLM's async scheduling does.
 """
 
 from __future__ import annotations
@@ -29,15 +42,29 @@ from mgpu.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledSeq:
-    """A sequence and how many of its pending tokens are computed this step."""
+    """A sequence and how many of its pending tokens are computed this step.
+
+    Attributes:
+        seq: the sequence.
+        num_tokens: tokens it feeds this step.
+        samples: the chunk reaches the end of the sequence, so a token is sampled after it
+            (fixed when scheduled: the sequence grows while the step is in flight).
+        deferred: a looked-ahead decode (see the module docstring): the token it feeds is the one
+            its step in flight samples, at position ``start_pos``.
+        start_pos: position of the chunk's first token.
+    """
 
     seq: Sequence
     num_tokens: int
+    samples: bool = False
+    deferred: bool = False
+    start_pos: int = 0
 
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of the sequence, so a token is sampled after it."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+    @classmethod
+    def chunk_of(cls, seq: Sequence, num_tokens: int) -> ScheduledSeq:
+        """The next ``num_tokens`` pending tokens of ``seq`` (its known tokens)."""
+        start = seq.num_computed_tokens
+        return cls(seq, num_tokens, start + num_tokens == seq.num_tokens, False, start)
 
 
 @dataclass
@@ -96,15 +123,20 @@ class Scheduler:
         out.preempted.append(seq)
 
     def schedule(
-        self, busy: frozenset[int] | set[int] = frozenset(), max_seqs: int | None = None
+        self,
+        busy: frozenset[int] | set[int] = frozenset(),
+        max_seqs: int | None = None,
+        lookahead: frozenset[int] | set[int] = frozenset(),
     ) -> SchedulerOutput:
         """Pick this step's batch (see the module docstring).
 
         Args:
             busy: ids of sequences in a step still in flight: they are neither scheduled nor
-                pre-empted, so batches in flight at once are disjoint.
+                pre-empted, so batches in flight at once are disjoint (but for ``lookahead``).
             max_seqs: most sequences in this batch (the engine cuts the running sequences into
                 one micro-batch per pipeline stage).
+            lookahead: ids of busy sequences whose step in flight samples: each decodes that
+                token, still unknown, in this batch (async scheduling).
         """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -113,11 +145,19 @@ class Scheduler:
         for seq in list(self.running):
             if len(out.scheduled) >= limit:
                 break
-            if seq not in self.running or seq.seq_id in busy:
-                continue  # pre-empted below to make room for an older sequence, or in flight
+            if seq not in self.running:
+                continue  # pre-empted below to make room for an older sequence
             if not self._adapter_fits(seq, adapters):
                 continue  # its adapter would be one too many in this batch
+            if seq.seq_id in busy and seq.seq_id not in lookahead:
+                continue  # in flight
             self.blocks.cache_full_blocks(seq)  # what the last collected step computed
+            if seq.seq_id in lookahead:
+                if budget > 0 and self._look_ahead(seq):
+                    out.scheduled.append(ScheduledSeq(seq, 1, True, True, seq.num_tokens))
+                    budget -= 1
+                    adapters.add(seq.lora_id)
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
@@ -127,7 +167,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                out.scheduled.append(ScheduledSeq(seq, n))
+                out.scheduled.append(ScheduledSeq.chunk_of(seq, n))
                 budget -= n
                 adapters.add(seq.lora_id)
         # Admit new work only when nothing had to be pre-empted: the cache is full otherwise.
@@ -150,11 +190,20 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
+            out.scheduled.append(ScheduledSeq.chunk_of(seq, n))
             budget -= n
             adapters.add(seq.lora_id)
         self.waiting.extendleft(reversed(passed_over))
         return out
+
+    def _look_ahead(self, seq: Sequence) -> bool:
+        """Whether a sequence in flight decodes its pending token in the next batch: not when
+        that token will be its last, nor when no block is free for it (no pre-emption: it is in
+        flight). Allocates the block it needs."""
+        pending = seq.num_tokens + 1  # known tokens and the one its step in flight samples
+        if len(seq.output_token_ids) + 1 >= seq.max_tokens or pending >= self.config.max_model_len:
+            return False
+        return self.blocks.allocate(seq.block_table, pending)
 
     def _adapter_fits(self, seq: Sequence, adapters: set[int]) -> bool:
         """Whether ``seq`` may join a batch already using ``adapters`` (0 is the base model)."""
