@@ -81,3 +81,38 @@ def test_each_thread_has_its_own_tokenizer(engine: AsyncEngine) -> None:
         assert serving._tokenize(text) == engine.engine.tokenize(text)
     finally:
         serving.close()
+
+
+def test_a_step_wakes_the_event_loop_once(engine: AsyncEngine, reference: Reference) -> None:
+    """Concurrent streams on one event loop get each step's outputs through one
+    ``call_soon_threadsafe``, not one per request, and every stream still reads its own text."""
+    import asyncio
+
+    params = SamplingParams(temperature=0, max_tokens=12)
+    wakeups: list[int] = []
+
+    async def main() -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(callback: Any, *args: Any) -> Any:
+            wakeups.append(len(args[0]) if args and isinstance(args[0], list) else 1)
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+
+        async def one(request_id: str, prompt: str) -> tuple[str, str]:
+            text = ""
+            async for out in engine.generate(request_id, engine.engine.tokenize(prompt), params):
+                text = out.outputs[0].text
+            return request_id, text
+
+        jobs = [one(f"w{i}", p) for i, p in enumerate(PROMPTS)]
+        return dict(await asyncio.gather(*jobs))
+
+    texts = asyncio.run(main())
+    for i, prompt in enumerate(PROMPTS):
+        assert texts[f"w{i}"] == reference.complete(prompt, 12).outputs[0].text
+    # Steps that moved all four streams woke the loop once for the four of them.
+    assert max(wakeups) == len(PROMPTS)
+    assert len(wakeups) < len(PROMPTS) * 12

@@ -5,20 +5,15 @@
     event loop (HTTP handlers)              engine thread
     ──────────────────────────              ─────────────
     generate() ── add ──► command queue ──► add_request / abort_request
-                                            step() ──► RequestOutput
-    per-request queue ◄── call_soon_threadsafe ──┘
+                                            step() ──► RequestOutput of every request it moved
+    per-request queues ◄── one call_soon_threadsafe per step ──┘
 
 Every engine call happens on the engine thread, in the order it was submitted, so an abort can
 never overtake the add it cancels and the HTTP event loop never waits for a step. The thread sleeps
-while there is no work.
-
-Two kinds of failure, kept apart:
-
-- one request's own (it could not be sampled or detokenised, its output finished with
-  ``finish_reason="error"``): that request alone fails with :class:`RequestFailedError`;
-- the engine's (a worker died, a collective failed): every in-flight request fails with
-  :class:`EngineDeadError` at once, the engine forgets them (``/metrics`` shows nothing running)
-  and stays down: a server in that state answers 503.
+while there is no work. A step's outputs reach the event loop in one wake-up: each wake-up is a
+write to the loop's self-pipe and a pass of its selector, and one per request per step cost the
+server 600 us of CPU per step at 32 streaming clients against 180 us for one per step (a thread
+handing 32 outputs to 32 asyncio queues, 2-core VM, 2026-12-08), CPU the workers share.
 """
 
 from __future__ import annotations
@@ -39,6 +34,22 @@ logger = logging.getLogger("mgpu.server")
 
 Item = RequestOutput | BaseException
 Deliver = Callable[[Item], None]
+
+
+@dataclass
+class _Listener:
+    """Where a request's outputs go: ``put`` called on ``loop``'s thread (an asyncio caller), or
+    directly from the engine thread when ``loop`` is None (a thread-safe queue)."""
+
+    put: Deliver
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+def _put_all(deliveries: list[tuple[Deliver, Item]]) -> None:
+    """Hand each item to its request (on the event loop's thread)."""
+    for put, item in deliveries:
+        put(item)
+
 
 #: How often an idle engine thread checks that its workers are still alive (seconds).
 HEALTH_CHECK_INTERVAL = 1.0
@@ -93,7 +104,7 @@ class AsyncEngine:
         self.error: str | None = None
         self._cond = threading.Condition()
         self._commands: deque[_Add | _Abort | _FailAll] = deque()
-        self._listeners: dict[str, Deliver] = {}
+        self._listeners: dict[str, _Listener] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mgpu-engine", daemon=True)
         self._thread.start()
@@ -129,13 +140,9 @@ class AsyncEngine:
             params: sampling parameters.
             lora_request: the served LoRA adapter to run with (None: the base model).
         """
-        loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Item] = asyncio.Queue()
-
-        def deliver(item: Item) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
-        self._start(request_id, prompt_token_ids, params, deliver, lora_request)
+        listener = _Listener(outputs.put_nowait, asyncio.get_running_loop())
+        self._start(request_id, prompt_token_ids, params, listener, lora_request)
         finished = False
         try:
             while not finished:
@@ -162,7 +169,7 @@ class AsyncEngine:
             params: sampling parameters.
         """
         outputs: queue.SimpleQueue[Item] = queue.SimpleQueue()
-        self._start(request_id, prompt_token_ids, params, outputs.put)
+        self._start(request_id, prompt_token_ids, params, _Listener(outputs.put))
         finished = False
         try:
             while not finished:
@@ -181,14 +188,14 @@ class AsyncEngine:
         request_id: str,
         ids: list[int],
         params: SamplingParams,
-        deliver: Deliver,
+        listener: _Listener,
         lora_request: str | None = None,
     ) -> None:
         if self.error is not None:
             raise EngineDeadError(self.error)
         if request_id in self._listeners:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        self._listeners[request_id] = deliver
+        self._listeners[request_id] = listener
         if self.error is not None:  # the engine died while this request was being registered
             self._listeners.pop(request_id, None)
             raise EngineDeadError(self.error)
@@ -262,8 +269,7 @@ class AsyncEngine:
                 logger.exception("engine step failed")
                 self._die(f"the engine failed: {exc}")
                 return
-            for out in outputs:
-                self._send(out.request_id, out)
+            self._send_all([(out.request_id, out) for out in outputs])
 
     def _apply(self, command: _Add | _Abort | _FailAll) -> None:
         if isinstance(command, _Abort):
@@ -288,13 +294,27 @@ class AsyncEngine:
             self._send(command.request_id, exc)
 
     def _send(self, request_id: str, item: Item) -> None:
-        deliver = self._listeners.get(request_id)
-        if deliver is None:
-            return
-        try:
-            deliver(item)
-        except RuntimeError:  # the request's event loop has closed (the server is exiting)
-            self._listeners.pop(request_id, None)
+        self._send_all([(request_id, item)])
+
+    def _send_all(self, items: list[tuple[str, Item]]) -> None:
+        """Deliver each item to its request: one wake-up per event loop for all of them."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Deliver, Item]]] = {}
+        for request_id, item in items:
+            listener = self._listeners.get(request_id)
+            if listener is None:
+                continue
+            if listener.loop is None:
+                listener.put(item)
+            else:
+                by_loop.setdefault(listener.loop, []).append((listener.put, item))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, deliveries)
+            except RuntimeError:  # the event loop has closed (the server is exiting)
+                for request_id, _ in items:
+                    listener = self._listeners.get(request_id)
+                    if listener is not None and listener.loop is loop:
+                        self._listeners.pop(request_id, None)
 
     def _die(self, message: str) -> None:
         self.error = message
@@ -307,6 +327,7 @@ class AsyncEngine:
         self.engine.shutdown()
 
     def _fail_all(self, message: str, error: type[EngineDeadError] = EngineDeadError) -> None:
-        for request_id in list(self._listeners):
-            self._send(request_id, error(message))
+        request_ids = list(self._listeners)
+        self._send_all([(request_id, error(message)) for request_id in request_ids])
+        for request_id in request_ids:
             self._listeners.pop(request_id, None)
