@@ -101,8 +101,9 @@ def test_skinny_kernel_keeps_out_of_autograd() -> None:
 def test_half_precision_matches_float32_arithmetic(
     rows: int, bias: bool, dtype: torch.dtype
 ) -> None:
-    """float16 always, bfloat16 where this CPU lacks its kernels (UPCAST_DTYPES): the blocked
-    float32 path; otherwise F.linear. Either way float32 arithmetic on the stored values."""
+    """float16 where this CPU lacks native float16 kernels, bfloat16 where it lacks bfloat16 ones
+    (UPCAST_DTYPES): the blocked float32 path; otherwise F.linear. Either way float32 arithmetic
+    on the stored values."""
     torch.manual_seed(0)
     w = (torch.randn(301, 96) * 0.05).to(dtype)
     x = torch.randn(rows, 96).to(dtype)
@@ -220,10 +221,27 @@ def test_native_bfloat16_follows_the_cpu(skinny: object) -> None:
     native = " avx512_bf16" in flags
     assert skinny.skinny_native_bf16() == native
     assert matmul.skinny_native_bfloat16() == native
-    assert matmul.skinny_max_rows(torch.bfloat16) == (
-        matmul.NATIVE_BF16_MAX_ROWS
-        if native
-        else (32 if torch.bfloat16 in matmul.UPCAST_DTYPES else 4)
+    amx = " amx_tile" in flags and torch.bfloat16 in matmul.PACKED_DTYPES
+    assert amx == matmul.AMX_BF16_GEMM
+    if torch.bfloat16 in matmul.UPCAST_DTYPES:
+        assert matmul.skinny_max_rows(torch.bfloat16) == 32
+    else:  # with AMX, oneDNN's bfloat16 F.linear wins from 6 rows
+        want = matmul.NATIVE_BF16_MAX_ROWS if native and not amx else 4
+        assert matmul.skinny_max_rows(torch.bfloat16) == want
+
+
+def test_native_float16_follows_the_cpu() -> None:
+    """Where the CPU has AVX512-FP16 or AMX-FP16, float16 takes F.linear's native kernels beyond
+    12 rows instead of the blocked float32 path; elsewhere it is upcast, the kernel up to 32."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() not in ("x86_64", "AMD64") or not flags:
+        pytest.skip("reads x86 CPU flags from /proc/cpuinfo")
+    fp16 = " avx512_fp16" in flags or " amx_fp16" in flags
+    native = torch.backends.mkldnn.is_available() and fp16
+    assert native == matmul.NATIVE_FP16_GEMM
+    assert (torch.float16 in matmul.UPCAST_DTYPES) == (not native)
+    assert matmul.skinny_max_rows(torch.float16) == (
+        matmul.NATIVE_FP16_SKINNY_MAX_ROWS if native else 32
     )
 
 

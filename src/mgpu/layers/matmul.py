@@ -42,6 +42,12 @@ slower)::
     32000 x 1024 x 32       86.79 ms       28.38 ms       34.40 ms
     4096 x 1024 x 1          0.32 ms        0.81 ms        0.48 ms   (one row: kept as fp16)
 
+Where the CPU has native float16 kernels (AVX512-FP16 or AMX-FP16, :data:`NATIVE_FP16_GEMM`)
+``F.linear`` multiplies float16 as it is and beats the blocked path (1534 against 1664 us for
+4096 x 1024 at 32 rows on a Sapphire Rapids Xeon, 14.0 against 19.6 ms for 32000 x 1024), so
+there float16 is not upcast. On AMX CPUs likewise, plain bfloat16 weights leave the skinny
+kernel below for ``F.linear`` from 5 rows (:func:`skinny_max_rows`).
+
 **Small weights take ``F.linear``.** A oneDNN product costs some 30 microseconds before it
 multiplies anything, more than the whole product of a small weight: on a 2-core Sapphire Rapids
 Xeon (AVX-512, AMX), 2 threads, float32, microseconds::
@@ -151,13 +157,35 @@ def _packed_dtypes() -> tuple[torch.dtype, ...]:
 
 #: Weight dtypes :func:`cpu_packed_weight` reorders for oneDNN.
 PACKED_DTYPES = _packed_dtypes()
+
+
+def _native_float16_gemm() -> bool:
+    """Whether ``F.linear`` multiplies float16 with oneDNN's native kernels here (CPUs with
+    AVX512-FP16 or AMX-FP16: Sapphire Rapids and later), rather than a generic loop."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def _amx_tiles() -> bool:
+    """Whether the CPU has AMX tiles, which oneDNN's bfloat16 GEMM (``F.linear``) uses."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+#: ``F.linear`` multiplies float16 natively on this CPU (see :func:`_native_float16_gemm`).
+NATIVE_FP16_GEMM = _native_float16_gemm()
+#: oneDNN's bfloat16 products use AMX tiles on this CPU (see :func:`_amx_tiles`).
+AMX_BF16_GEMM = torch.bfloat16 in PACKED_DTYPES and _amx_tiles()
 #: Half-precision weight dtypes with no fast CPU GEMM here, multiplied in float32 blocks from
-#: :data:`FP16_UPCAST_MIN_ROWS` rows: float16 everywhere, bfloat16 where oneDNN has no bfloat16
-#: kernels. Measured on a Zen 3 EPYC (AVX2), 2 threads, bfloat16 F.linear against the blocked
-#: float32 path: 4096 x 1024 x 8 rows 5.3 against 3.4 ms, x 32 rows 15.9 against 4.7 ms,
-#: 32000 x 1024 x 32 rows 115 against 32 ms (at 4 rows 2.5 against 3.1; one row stays bfloat16).
+#: :data:`FP16_UPCAST_MIN_ROWS` rows: float16 where the CPU has no native float16 kernels
+#: (:data:`NATIVE_FP16_GEMM`), bfloat16 where oneDNN has no bfloat16 kernels. Measured on a Zen 3
+#: EPYC (AVX2), 2 threads, bfloat16 F.linear against the blocked float32 path: 4096 x 1024 x 8
+#: rows 5.3 against 3.4 ms, x 32 rows 15.9 against 4.7 ms, 32000 x 1024 x 32 rows 115 against
+#: 32 ms (at 4 rows 2.5 against 3.1; one row stays bfloat16). With native float16 kernels
+#: (Sapphire Rapids, AVX512-FP16), F.linear against the blocked path at 32 rows: 1534 against
+#: 1664 us (4096 x 1024) and 14.0 against 19.6 ms (32000 x 1024).
 UPCAST_DTYPES = (
-    (torch.float16,) if torch.bfloat16 in PACKED_DTYPES else (torch.float16, torch.bfloat16)
+    *(() if NATIVE_FP16_GEMM else (torch.float16,)),
+    *(() if torch.bfloat16 in PACKED_DTYPES else (torch.bfloat16,)),
 )
 
 
@@ -180,19 +208,35 @@ def _kernel_native_bfloat16() -> bool:
 
 
 #: Most rows of x for which a plain bfloat16 weight takes the skinny kernel where it multiplies
-#: bfloat16 natively (:func:`skinny_native_bfloat16`); beyond, ``F.linear``.
+#: bfloat16 natively (:func:`skinny_native_bfloat16`) and the CPU has no AMX; beyond, ``F.linear``.
 NATIVE_BF16_MAX_ROWS = 32
+#: Most rows of x for which a plain float16 weight takes the skinny kernel where ``F.linear``
+#: multiplies float16 natively (:data:`NATIVE_FP16_GEMM`). Measured on a 2-core Sapphire Rapids
+#: Xeon (AVX512-FP16), 2 threads, skinny against F.linear, microseconds: 4096 x 1024 at 8 rows
+#: 470 against 720, at 12 695 against 868, at 16 1073 against 1000, at 32 1669 against 1464;
+#: 32000 x 1024 at 12 5405 against 5664, at 16 7875 against 7611, at 32 15530 against 12083.
+NATIVE_FP16_SKINNY_MAX_ROWS = 12
 
 
 def skinny_max_rows(dtype: torch.dtype) -> int:
     """Most rows of x for which a plain CPU weight of ``dtype`` takes the skinny kernel (see the
     module docstring): 32 for the dtypes whose alternative is the blocked float32 path
-    (:data:`UPCAST_DTYPES`) and for bfloat16 where the kernel multiplies it natively, 4 where the
-    alternative is a fast float32 or bfloat16 GEMM, 0 for any other dtype."""
+    (:data:`UPCAST_DTYPES`) and for bfloat16 where the kernel multiplies it natively and the CPU
+    has no AMX, 12 for float16 where ``F.linear`` has native float16 kernels, 4 where the
+    alternative is a fast float32 or bfloat16 GEMM, 0 for any other dtype.
+
+    With AMX, oneDNN's bfloat16 ``F.linear`` wins from 6 rows: on a 2-core Sapphire Rapids Xeon,
+    2 threads, the native skinny path against F.linear on a plain weight, microseconds: 4096 x
+    1024 at 4 rows 265 against 368, at 6 400 against 381, at 32 1886 against 720; 32000 x 1024
+    (a tied LM head) at 4 rows 2074 against 2877, at 8 4374 against 2870, at 32 17632 against
+    4919. Without AMX (a Zen 4 EPYC) the two were even at 32 rows (the module docstring).
+    """
     if dtype in UPCAST_DTYPES:
         return 32
-    if dtype == torch.bfloat16 and skinny_native_bfloat16():
+    if dtype == torch.bfloat16 and skinny_native_bfloat16() and not AMX_BF16_GEMM:
         return NATIVE_BF16_MAX_ROWS
+    if dtype == torch.float16 and NATIVE_FP16_GEMM:
+        return NATIVE_FP16_SKINNY_MAX_ROWS
     return 4 if dtype in (torch.float32, torch.bfloat16) else 0
 
 
