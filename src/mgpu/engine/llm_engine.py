@@ -242,6 +242,12 @@ class LLMEngine:
         self.async_scheduling = (
             async_scheduling and self.parallel_config.pipeline_parallel_size == 1
         )
+        if async_scheduling and not self.async_scheduling:
+            logger.info(
+                "async scheduling is for single-stage layouts: with %d pipeline stages their "
+                "micro-batches overlap instead",
+                self.parallel_config.pipeline_parallel_size,
+            )
         if self.device == "cuda":
             self._check_gpus()
         context = self.model_config.max_position_embeddings
