@@ -14,6 +14,14 @@ while there is no work. A step's outputs reach the event loop in one wake-up: ea
 write to the loop's self-pipe and a pass of its selector, and one per request per step cost the
 server 600 us of CPU per step at 32 streaming clients against 180 us for one per step (a thread
 handing 32 outputs to 32 asyncio queues, 2-core VM, 2026-12-08), CPU the workers share.
+
+Two kinds of failure, kept apart:
+
+- one request's own (it could not be sampled or detokenised, its output finished with
+  ``finish_reason="error"``): that request alone fails with :class:`RequestFailedError`;
+- the engine's (a worker died, a collective failed): every in-flight request fails with
+  :class:`EngineDeadError` at once, the engine forgets them (``/metrics`` shows nothing running)
+  and stays down: a server in that state answers 503.
 """
 
 from __future__ import annotations
