@@ -41,7 +41,8 @@ class SeqChunk:
     @property
     def is_deferred(self) -> bool:
         """A looked-ahead decode: its one token is the one its previous step sampled."""
-        return self.token_ids == [DEFERRED_TOKEN]
+        ids = self.token_ids  # no list built: asked of every chunk of every step
+        return len(ids) == 1 and ids[0] == DEFERRED_TOKEN
 
     def check_positions(self, max_positions: int) -> None:
         """Refuse a chunk reaching past the model's ``max_position_embeddings`` (ValueError)."""
